@@ -1,0 +1,26 @@
+"""Shared test utilities: relative-error checks against float64 references."""
+
+import torch
+
+# ||out - ref|| / ||ref|| bounds by the dtype the fast path computed in.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def assert_close_rel(out, ref, dtype, name="output", factor=1.0):
+    """Fails on NaN/inf in ``out`` or a relative error above the dtype's tolerance."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err = rel_err(out, ref)
+    tol = TOLERANCE[dtype] * factor
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g} ({dtype})"
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
