@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -80,10 +79,10 @@ class MaskSpec:
     kind: str
     block_size: int = 1
     prefix: int = 0
-    masked_blocks: Optional[torch.Tensor] = None
-    kv_lens: Optional[torch.Tensor] = None
+    masked_blocks: torch.Tensor | None = None
+    kv_lens: torch.Tensor | None = None
     q_offset: int = 0
-    seq_len: Optional[int] = None
+    seq_len: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -121,7 +120,7 @@ class MaskSpec:
         return dataclasses.replace(self, **changes)
 
     @property
-    def batch_size(self) -> Optional[int]:
+    def batch_size(self) -> int | None:
         """The batch size the mask was built for, or None when it is batch-independent."""
         for t in (self.masked_blocks, self.kv_lens):
             if t is not None:
@@ -230,7 +229,7 @@ class MaskSpec:
         if cached is not None:
             return cached
         self.check(self.batch_size or 1, Tq, Tk)
-        n_q, n_k = _cdiv(Tq, block_m), _cdiv(Tk, block_n)
+        _n_q, n_k = _cdiv(Tq, block_m), _cdiv(Tk, block_n)
         pad_k = n_k * block_n - Tk
         rows = max(block_m, _ROWS_PER_CHUNK // block_m * block_m)
         states = []
@@ -314,7 +313,7 @@ def jigsaw(block_size: int, masked_blocks: torch.Tensor, prefix: int = 0, *, kv_
                     q_offset=q_offset)
 
 
-def bd3(block_size: int, prefix: int = 0, *, seq_len: Optional[int] = None, kv_lens=None,
+def bd3(block_size: int, prefix: int = 0, *, seq_len: int | None = None, kv_lens=None,
         q_offset: int = 0) -> MaskSpec:
     """BD3-LM training mask over ``[x_t | x_0]`` (2n long, ``n = seq_len`` or Tk // 2): an x_t
     query in block a sees x_t block a and x_0 blocks < a; an x_0 query sees x_0 blocks <= a."""
