@@ -254,7 +254,9 @@ class MaskSpec:
     def mask_mod(self):
         """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for this spec."""
         if self.kind == "bd3" and self.seq_len is None:
-            raise ValueError("bd3 mask_mod needs the half length: build it with bd3(..., seq_len=n)")
+            raise ValueError(
+                "bd3 mask_mod needs the half length: build it with bd3(..., seq_len=n)"
+            )
         Tk = 2 * self.seq_len if self.kind == "bd3" else 0
 
         def mask_mod(b, h, q_idx, kv_idx):
