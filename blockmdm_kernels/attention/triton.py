@@ -1,0 +1,402 @@
+"""Block-masked attention in Triton, FlashAttention-2 style.
+
+The forward visits, per query tile, only the key tiles its tile map marks non-empty (online
+softmax, fp32 accumulation, base-2 logsumexp saved for the backward). The backward recomputes the
+probabilities: dK/dV per key tile over the query tiles that see it (summing a GQA group inside the
+program, so no atomics), dQ per query tile over its key tiles. FULL tiles skip the per-element
+predicate; PARTIAL tiles evaluate :func:`_visible`, which mirrors ``MaskSpec.visible``.
+
+A query row that sees no key stores lse = +inf, so every recomputed probability of that row is 0:
+its output, dQ and contributions to dK/dV are 0.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from blockmdm_kernels import _dispatch
+from blockmdm_kernels.masks import KINDS, PARTIAL, MaskSpec
+
+HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634
+_PARTIAL = tl.constexpr(PARTIAL)
+
+
+@triton.jit
+def _block_of(p, P, BS):
+    # Prompt positions are in block -1; the division result is discarded for them.
+    return tl.where(p >= P, (p - P) // BS, -1)
+
+
+@triton.jit
+def _visible(KIND: tl.constexpr, o_q, o_k, P, BS, HALF, p_mb, n_mb):
+    """Mirror of ``MaskSpec.visible`` (without kv_lens) for absolute positions o_q [BM], o_k [BN].
+
+    ``p_mb`` points at this batch row of masked_blocks (uint8, ``n_mb`` blocks; jigsaw only).
+    """
+    q = o_q[:, None]  # [BM, 1]
+    kv = o_k[None, :]  # [1, BN]
+    if KIND == 0:
+        vis = (q >= 0) & (kv >= 0)
+    elif KIND == 1:
+        vis = kv <= q
+    elif KIND == 2:
+        vis = _block_of(kv, P, BS) <= _block_of(q, P, BS)
+    elif KIND == 3:
+        # Both operands of % are >= 0 wherever the result is used.
+        same_or_earlier = (kv - P) % BS <= (q - P) % BS
+        vis = (kv < P) | ((q >= P) & (kv >= P) & same_or_earlier)
+    elif KIND == 4:
+        kb = _block_of(kv, P, BS)  # [1, BN]
+        m_in = (kb >= 0) & (kb < n_mb)
+        b_mb = tl.load(p_mb + tl.where(m_in, kb, 0), mask=m_in, other=0)
+        key_masked = (kb >= 0) & (b_mb != 0)
+        vis = (key_masked == 0) | ((_block_of(q, P, BS) == kb) & (kv <= q))
+    else:
+        q_clean = q >= HALF
+        kv_clean = kv >= HALF
+        bq = _block_of(tl.where(q_clean, q - HALF, q), P, BS)
+        bk = _block_of(tl.where(kv_clean, kv - HALF, kv), P, BS)
+        vis = tl.where(
+            q_clean,
+            kv_clean & (bk <= bq),
+            ((kv_clean == 0) & (bk == bq)) | (kv_clean & (bk < bq)),
+        )
+    return vis
+
+
+@triton.jit
+def _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
+                KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """-inf where query tile i_m may not see key tile i_n (b_s [BM, BN])."""
+    o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_k = o_k < Tk
+    if state == _PARTIAL:
+        o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M) + Q_OFFSET
+        m_vis = _visible(KIND, o_q, o_k, P, BS, HALF, p_mb, n_mb) & m_k[None, :]
+        if HAS_KVLENS:
+            m_vis = m_vis & (o_k < kv_len)[None, :]
+        b_s = tl.where(m_vis, b_s, float("-inf"))
+    elif (i_n + 1) * BLOCK_N > Tk:
+        # A FULL tile only promises every in-range element; the ragged last tile still needs bounds.
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+    return b_s
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, KV_COUNT, KV_INDEX, STATE, MB, KV_LENS,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
+    s_mbb, n_mb, Tq, Tk, H, G, n_qt, n_kt, qk_scale, Q_OFFSET, P, BS, HALF,
+    KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, TILE_BATCHED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h // G
+    i_bt = i_b * TILE_BATCHED
+    i_b64 = i_b.to(tl.int64)
+
+    o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, D)
+    m_q = o_q < Tq
+    p_q = Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh + o_q[:, None] * s_qt + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [BM, D]
+    p_k0 = K + i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
+    p_v0 = V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
+    p_mb = MB + i_b64 * s_mbb
+    kv_len = Tk
+    if HAS_KVLENS:
+        kv_len = tl.load(KV_LENS + i_b)
+
+    row = (i_bt * n_qt + i_m).to(tl.int64)
+    n_tiles = tl.load(KV_COUNT + row)
+    p_idx = KV_INDEX + row * n_kt
+    p_state = STATE + row * n_kt
+
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for j in range(0, n_tiles):
+        i_n = tl.load(p_idx + j)
+        state = tl.load(p_state + i_n)
+        o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_k = o_k < Tk
+        b_k = tl.load(p_k0 + o_k[:, None] * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_v = tl.load(p_v0 + o_k[:, None] * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+        b_s = _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
+                          kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N)
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        # A row with nothing visible so far keeps m = -inf; shift by 0 to avoid (-inf) - (-inf).
+        b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.math.exp2(b_s - b_shift[:, None])  # [BM, BN]
+        b_alpha = tl.math.exp2(b_m - b_shift)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        b_m = b_m_new
+
+    m_seen = b_l > 0
+    b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]
+    p_o = O + i_b64 * s_ob + i_h.to(tl.int64) * s_oh + o_q[:, None] * s_ot + o_d[None, :]
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_q[:, None])
+    b_lse = tl.where(m_seen, b_m + tl.math.log2(tl.where(m_seen, b_l, 1.0)), float("inf"))
+    tl.store(LSE + (i_b64 * H + i_h) * Tq + o_q, b_lse, mask=m_q)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, Tq, H,
+                                BLOCK_M: tl.constexpr, D: tl.constexpr):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, D)
+    m_q = o_q < Tq
+    b_o = tl.load(O + i_b * s_ob + i_h * s_oh + o_q[:, None] * s_ot + o_d[None, :],
+                  mask=m_q[:, None], other=0.0).to(tl.float32)  # [BM, D]
+    b_do = tl.load(DO + i_b * s_db + i_h * s_dh + o_q[:, None] * s_dt + o_d[None, :],
+                   mask=m_q[:, None], other=0.0).to(tl.float32)  # [BM, D]
+    tl.store(DELTA + (i_b * H + i_h) * Tq + o_q, tl.sum(b_o * b_do, 1), mask=m_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, STATE, MB, KV_LENS,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
+    s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh,
+    s_mbb, n_mb, Tq, Tk, H, Hkv, G, n_qt, n_kt, qk_scale, scale, Q_OFFSET, P, BS, HALF,
+    KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, TILE_BATCHED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // Hkv
+    i_hk = i_bh % Hkv
+    i_bt = i_b * TILE_BATCHED
+    i_b64 = i_b.to(tl.int64)
+
+    o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, D)
+    m_k = o_k < Tk
+    b_k = tl.load(K + i_b64 * s_kb + i_hk.to(tl.int64) * s_kh + o_k[:, None] * s_kt + o_d[None, :],
+                  mask=m_k[:, None], other=0.0)  # [BN, D]
+    b_v = tl.load(V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh + o_k[:, None] * s_vt + o_d[None, :],
+                  mask=m_k[:, None], other=0.0)  # [BN, D]
+    p_mb = MB + i_b64 * s_mbb
+    kv_len = Tk
+    if HAS_KVLENS:
+        kv_len = tl.load(KV_LENS + i_b)
+
+    col = (i_bt * n_kt + i_n).to(tl.int64)
+    n_tiles = tl.load(Q_COUNT + col)
+    p_idx = Q_INDEX + col * n_qt
+    p_state = STATE + i_bt.to(tl.int64) * n_qt * n_kt + i_n
+
+    b_dk = tl.zeros([BLOCK_N, D], tl.float32)
+    b_dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for g in range(0, G):
+        i_h = (i_hk * G + g).to(tl.int64)
+        p_q0 = Q + i_b64 * s_qb + i_h * s_qh
+        p_do0 = DO + i_b64 * s_db + i_h * s_dh
+        p_row = (i_b64 * H + i_h) * Tq
+        for j in range(0, n_tiles):
+            i_m = tl.load(p_idx + j)
+            state = tl.load(p_state + i_m.to(tl.int64) * n_kt)
+            o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_q = o_q < Tq
+            b_q = tl.load(p_q0 + o_q[:, None] * s_qt + o_d[None, :], mask=m_q[:, None], other=0.0)
+            b_do = tl.load(p_do0 + o_q[:, None] * s_dt + o_d[None, :], mask=m_q[:, None],
+                           other=0.0)  # [BM, D]
+            b_lse = tl.load(LSE + p_row + o_q, mask=m_q, other=float("inf"))  # [BM]
+            b_delta = tl.load(DELTA + p_row + o_q, mask=m_q, other=0.0)  # [BM]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+            b_s = _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb,
+                              n_mb, kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N)
+            b_p = tl.math.exp2(b_s - b_lse[:, None])  # [BM, BN]
+            b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)
+
+    p_dk = DK + i_b64 * s_dkb + i_hk.to(tl.int64) * s_dkh + o_k[:, None] * s_dkt + o_d[None, :]
+    p_dv = DV + i_b64 * s_dvb + i_hk.to(tl.int64) * s_dvh + o_k[:, None] * s_dvt + o_d[None, :]
+    tl.store(p_dk, (b_dk * scale).to(DK.dtype.element_ty), mask=m_k[:, None])
+    tl.store(p_dv, b_dv.to(DV.dtype.element_ty), mask=m_k[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX, STATE, MB, KV_LENS,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
+    s_dqb, s_dqt, s_dqh,
+    s_mbb, n_mb, Tq, Tk, H, G, n_qt, n_kt, qk_scale, scale, Q_OFFSET, P, BS, HALF,
+    KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, TILE_BATCHED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h // G
+    i_bt = i_b * TILE_BATCHED
+    i_b64 = i_b.to(tl.int64)
+
+    o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, D)
+    m_q = o_q < Tq
+    b_q = tl.load(Q + i_b64 * s_qb + i_h.to(tl.int64) * s_qh + o_q[:, None] * s_qt + o_d[None, :],
+                  mask=m_q[:, None], other=0.0)  # [BM, D]
+    b_do = tl.load(DO + i_b64 * s_db + i_h.to(tl.int64) * s_dh + o_q[:, None] * s_dt
+                   + o_d[None, :], mask=m_q[:, None], other=0.0)  # [BM, D]
+    p_row = (i_b64 * H + i_h) * Tq
+    b_lse = tl.load(LSE + p_row + o_q, mask=m_q, other=float("inf"))  # [BM]
+    b_delta = tl.load(DELTA + p_row + o_q, mask=m_q, other=0.0)  # [BM]
+    p_k0 = K + i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
+    p_v0 = V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
+    p_mb = MB + i_b64 * s_mbb
+    kv_len = Tk
+    if HAS_KVLENS:
+        kv_len = tl.load(KV_LENS + i_b)
+
+    row = (i_bt * n_qt + i_m).to(tl.int64)
+    n_tiles = tl.load(KV_COUNT + row)
+    p_idx = KV_INDEX + row * n_kt
+    p_state = STATE + row * n_kt
+
+    b_dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for j in range(0, n_tiles):
+        i_n = tl.load(p_idx + j)
+        state = tl.load(p_state + i_n)
+        o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_k = o_k < Tk
+        b_k = tl.load(p_k0 + o_k[:, None] * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_v = tl.load(p_v0 + o_k[:, None] * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+        b_s = _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
+                          kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N)
+        b_p = tl.math.exp2(b_s - b_lse[:, None])  # [BM, BN]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+
+    p_dq = DQ + i_b64 * s_dqb + i_h.to(tl.int64) * s_dqh + o_q[:, None] * s_dqt + o_d[None, :]
+    tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_q[:, None])
+
+
+_TUNE = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+_TUNE_KEY = ["KIND", "HAS_KVLENS", "BLOCK_M", "BLOCK_N", "D"]
+
+
+@functools.cache
+def _kernels(tuned: bool):
+    """The launchable kernels; autotuned over warps/stages only on real GPUs (tile sizes are
+    fixed so the tile map matches)."""
+    kernels = (_attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)
+    if not tuned:
+        return kernels
+    return tuple(triton.autotune(configs=_TUNE, key=_TUNE_KEY)(k) for k in kernels)
+
+
+def tile_sizes(q: torch.Tensor):
+    """(forward (BLOCK_M, BLOCK_N), backward (BLOCK_M, BLOCK_N)) for this device and head dim."""
+    if not q.is_cuda:
+        # The interpreter: small tiles so small test shapes still span several tiles.
+        return (32, 16), (16, 32)
+    D = q.shape[-1]
+    fwd = (128, 64) if D <= 64 or q.element_size() <= 2 else (64, 64)
+    bwd = (64, 64) if q.element_size() <= 2 or D <= 64 else (32, 32)
+    return fwd, bwd
+
+
+def _mask_args(spec: MaskSpec, q: torch.Tensor, Tk: int):
+    mb = spec.masked_blocks
+    if mb is None:
+        mb_t, s_mbb, n_mb = q, 0, 0
+    else:
+        mb_t = mb.to(q.device).contiguous().view(torch.uint8)
+        s_mbb, n_mb = mb_t.stride(0), mb_t.shape[1]
+    kl = spec.kv_lens
+    kl_t = q if kl is None else kl.to(device=q.device, dtype=torch.int64).contiguous()
+    half = spec.half_len(Tk) if spec.kind == "bd3" else 0
+    return dict(MB=mb_t, KV_LENS=kl_t, s_mbb=s_mbb, n_mb=n_mb, Q_OFFSET=spec.q_offset,
+                P=spec.prefix, BS=spec.block_size, HALF=half, KIND=KINDS.index(spec.kind),
+                HAS_KVLENS=kl is not None)
+
+
+def _precision(q):
+    # fp32 inputs would otherwise get tf32 dots on GPUs, far from the fp32 reference.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _tiles(spec, Tq, Tk, bm, bn, device):
+    tm = spec.tile_map(Tq, Tk, bm, bn, device)
+    return tm, int(tm.state.shape[0] > 1), tm.state.shape[1], tm.state.shape[2]
+
+
+def forward(q, k, v, spec: MaskSpec, scale: float):
+    """q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> (o [B, Tq, H, D], lse fp32 [B, H, Tq] in base 2)."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    (bm, bn), _ = tile_sizes(q)
+    tm, batched, n_qt, n_kt = _tiles(spec, Tq, Tk, bm, bn, q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    fwd, _, _ = _kernels(_dispatch.on_gpu_hardware())
+    extra = {} if _dispatch.on_gpu_hardware() else dict(num_warps=4)
+    fwd[(n_qt, B * H)](
+        q, k, v, o, lse, tm.kv_count, tm.kv_index, tm.state,
+        s_qb=q.stride(0), s_qt=q.stride(1), s_qh=q.stride(2),
+        s_kb=k.stride(0), s_kt=k.stride(1), s_kh=k.stride(2),
+        s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2),
+        s_ob=o.stride(0), s_ot=o.stride(1), s_oh=o.stride(2),
+        Tq=Tq, Tk=Tk, H=H, G=H // Hkv, n_qt=n_qt, n_kt=n_kt, qk_scale=scale * _LOG2E,
+        TILE_BATCHED=batched, BLOCK_M=bm, BLOCK_N=bn, D=D, PRECISION=_precision(q),
+        **_mask_args(spec, q, Tk), **extra,
+    )
+    return o, lse
+
+
+def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
+    """Gradients (dq, dk, dv) of :func:`forward` given its output o and lse."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    _, (bm, bn) = tile_sizes(q)
+    tm, batched, n_qt, n_kt = _tiles(spec, Tq, Tk, bm, bn, q.device)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, 64), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
+        do.stride(2), Tq, H, BLOCK_M=64, D=D,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _, dkdv, dqk = _kernels(_dispatch.on_gpu_hardware())
+    extra = {} if _dispatch.on_gpu_hardware() else dict(num_warps=4)
+    common = dict(
+        s_qb=q.stride(0), s_qt=q.stride(1), s_qh=q.stride(2),
+        s_kb=k.stride(0), s_kt=k.stride(1), s_kh=k.stride(2),
+        s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2),
+        s_db=do.stride(0), s_dt=do.stride(1), s_dh=do.stride(2),
+        Tq=Tq, Tk=Tk, H=H, G=H // Hkv, n_qt=n_qt, n_kt=n_kt, qk_scale=scale * _LOG2E,
+        scale=scale, TILE_BATCHED=batched, BLOCK_M=bm, BLOCK_N=bn, D=D,
+        PRECISION=_precision(q), **_mask_args(spec, q, Tk), **extra,
+    )
+    dkdv[(n_kt, B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, tm.q_count, tm.q_index, tm.state,
+        s_dkb=dk.stride(0), s_dkt=dk.stride(1), s_dkh=dk.stride(2),
+        s_dvb=dv.stride(0), s_dvt=dv.stride(1), s_dvh=dv.stride(2), Hkv=Hkv, **common,
+    )
+    dqk[(n_qt, B * H)](
+        q, k, v, do, lse, delta, dq, tm.kv_count, tm.kv_index, tm.state,
+        s_dqb=dq.stride(0), s_dqt=dq.stride(1), s_dqh=dq.stride(2), **common,
+    )
+    return dq, dk, dv
+
+
+__all__ = ["forward", "backward", "tile_sizes", "HEAD_DIMS"]
