@@ -1,0 +1,75 @@
+"""On-disk cache for generated datasets, keyed by task, parameters, size and seed.
+
+The directory is ``cache_dir`` when given, else ``$BLOCKMDM_CACHE_DIR``, else
+``~/.cache/blockmdm``. Files are written to a temporary name and renamed, so a crashed or
+concurrent writer never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+FORMAT_VERSION = 1
+
+
+def cache_root(cache_dir=None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("BLOCKMDM_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "blockmdm"
+
+
+def cache_path(task: str, params: dict, n: int, seed: int, suffix: str, cache_dir=None) -> Path:
+    key = json.dumps({"v": FORMAT_VERSION, **params}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return cache_root(cache_dir) / f"{task}_n{n}_seed{seed}_{digest}{suffix}"
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cached_lines(task, params, n, seed, make: Callable[[], list], cache_dir=None, cache=True):
+    """Returns ``make()`` (a list of str), read from / written to the cache when ``cache``."""
+    if not cache:
+        return make()
+    path = cache_path(task, params, n, seed, ".txt", cache_dir)
+    if path.exists():
+        lines = path.read_text().splitlines()
+        if len(lines) == n:
+            return lines
+    lines = make()
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+    _atomic_write(path, write)
+    return lines
+
+
+def cached_tensors(task, params, n, seed, make: Callable[[], dict], cache_dir=None, cache=True):
+    """Returns ``make()`` (a dict of tensors and ints), cached as a torch file when ``cache``."""
+    import torch
+
+    if not cache:
+        return make()
+    path = cache_path(task, params, n, seed, ".pt", cache_dir)
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    data = make()
+    _atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return data
