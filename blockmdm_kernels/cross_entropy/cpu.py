@@ -1,0 +1,124 @@
+"""Masked cross-entropy on CPU tensors (and the float64 path on any device), in chunks of rows.
+
+Only the selected rows come here. Each chunk's logits are the one large buffer: the softmax
+gradient is written into it in place and folded into dH / dW / db before the next chunk, so no
+[N, V] tensor ever exists. ``linear_cross_entropy`` and ``cross_entropy_rows`` are the seam where
+a native kernel can take over.
+"""
+
+import torch
+
+# Elements in one chunk of logits: 4 MiB of fp32, small next to N*V for the shapes that matter
+# and large enough for the matmuls to stay efficient.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def chunk_rows(n_rows: int, vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
+    return max(1, min(n_rows, elements // max(vocab, 1)))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rows_loss_grad(x, y, coef, focal_gamma, z_loss):
+    """Per-row loss of a logits chunk; with ``coef`` also its gradient, written into ``x``.
+
+    Args:
+        x: [C, V] float32/float64, owned by the caller (overwritten)
+        y: int64 [C], in [0, V)
+        coef: [C] (d total loss / d row loss) or None
+    Returns:
+        [C] unweighted row losses (1 - p_y)^gamma * ce + z_loss * lse^2.
+    """
+    z_y = x.gather(1, y[:, None]).squeeze(1)
+    row_max = x.amax(1)
+    x.sub_(row_max[:, None]).exp_()
+    total = x.sum(1)
+    lse = row_max + total.log()
+    ce = lse - z_y
+    loss, c1 = ce, None
+    if focal_gamma > 0:
+        q = (-torch.expm1(-ce)).clamp_min(0)
+        fac = q.pow(focal_gamma)
+        dfac = torch.where(q > 0, focal_gamma * ce * (1 - q) * q.pow(focal_gamma - 1),
+                           torch.zeros_like(q))
+        loss, c1 = fac * ce, fac + dfac
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
+    if coef is None:
+        return loss
+    c1 = coef if c1 is None else coef * c1
+    a = c1 + coef * (2 * z_loss) * lse if z_loss > 0 else c1
+    # x holds exp(x - max); p * a = x * (a / total)
+    x.mul_((a / total)[:, None])
+    x.scatter_add_(1, y[:, None], -c1[:, None])
+    return loss
+
+
+def linear_cross_entropy(h, weight, bias, y, coef, focal_gamma, z_loss, need_dh, need_dw,
+                         need_db, rows_per_chunk=None):
+    """Row losses and (when ``coef`` is given) gradients of ``h @ weight.T + bias``.
+
+    Args:
+        h: [n, D] the selected rows
+        weight: [V, D]
+        bias: [V] or None
+        y: int64 [n]
+        coef: [n] d loss / d row loss, or None for the loss only
+    Returns:
+        loss [n] (compute dtype), dh [n, D] or None, dw [V, D] or None, db [V] or None
+        (gradients in the input dtypes).
+    """
+    ct = compute_dtype(h.dtype)
+    n, V = h.shape[0], weight.shape[0]
+    w = weight.to(ct)
+    b = None if bias is None else bias.to(ct)
+    grads = coef is not None
+    loss = h.new_empty(n, dtype=ct)
+    dh = h.new_empty(h.shape) if grads and need_dh else None
+    dw = torch.zeros(weight.shape, dtype=ct, device=h.device) if grads and need_dw else None
+    db = torch.zeros(V, dtype=ct, device=h.device) if grads and need_db else None
+    step = rows_per_chunk or chunk_rows(n, V)
+    for s in range(0, n, step):
+        hc = h[s:s + step].to(ct)
+        x = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())  # [C, V]
+        loss[s:s + step] = rows_loss_grad(x, y[s:s + step], None if coef is None
+                                          else coef[s:s + step], focal_gamma, z_loss)
+        if dh is not None:
+            dh[s:s + step] = x @ w
+        if dw is not None:
+            dw.addmm_(x.t(), hc)
+        if db is not None:
+            db += x.sum(0)
+    if dw is not None:
+        dw = dw.to(weight.dtype)
+    if db is not None:
+        db = db.to(bias.dtype)
+    return loss, dh, dw, db
+
+
+def cross_entropy_rows(logits, rows, y, coef, focal_gamma, z_loss, rows_per_chunk=None):
+    """Row losses of ``logits[rows]`` and (when ``coef`` is given) the full logits gradient.
+
+    Args:
+        logits: [N, V]
+        rows: int64 [n] selected row indices
+        y: int64 [n]
+        coef: [n] or None
+    Returns:
+        loss [n] (compute dtype), grad [N, V] (zero outside ``rows``) or None.
+    """
+    ct = compute_dtype(logits.dtype)
+    n, V = rows.shape[0], logits.shape[1]
+    loss = logits.new_empty(n, dtype=ct)
+    grad = torch.zeros_like(logits) if coef is not None else None
+    step = rows_per_chunk or chunk_rows(n, V)
+    for s in range(0, n, step):
+        r = rows[s:s + step]
+        x = logits.index_select(0, r).to(ct)
+        loss[s:s + step] = rows_loss_grad(x, y[s:s + step], None if coef is None
+                                          else coef[s:s + step], focal_gamma, z_loss)
+        if grad is not None:
+            grad.index_copy_(0, r, x.to(logits.dtype))
+    return loss, grad
