@@ -66,8 +66,17 @@ def denoise_step(logits, tokens, active, *, mask_id, k=None, threshold=None, tem
                              dtype=torch.int64).to(logits.device)
     args = dict(mask_id=int(mask_id), temperature=float(temperature), confidence=confidence,
                 seed=seed)
-    _dispatch.backend(logits)
-    tok, conf = reference.token_and_confidence(logits, active, **args)
+    which = _dispatch.backend(logits)
+    if which == "triton":
+        from blockmdm_kernels.denoise import triton as triton_impl
+
+        return triton_impl.denoise_step(logits, tokens, active, k=k, threshold=threshold, **args)
+    if which == "cpu":
+        from blockmdm_kernels.denoise import cpu
+
+        tok, conf = cpu.token_and_confidence(logits, active, **args)
+    else:
+        tok, conf = reference.token_and_confidence(logits, active, **args)
     committed = reference.select(conf, active, k, threshold)
     return torch.where(committed, tok.to(tokens.dtype), tokens), committed, conf
 

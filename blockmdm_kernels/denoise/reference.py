@@ -90,7 +90,9 @@ def token_and_confidence(logits, active, *, mask_id, temperature, confidence, se
     x[..., mask_id] = float("-inf")
     if temperature > 0:
         index = torch.arange(B * T * V, device=x.device, dtype=torch.int64).view(B, T, V)
-        score = x / temperature + gumbel(seed, index)
+        # a device tensor divisor: CUDA turns division by a host scalar into a reciprocal multiply
+        temp = torch.tensor(temperature, dtype=torch.float64, device=x.device)
+        score = x / temp + gumbel(seed, index)
         score[..., mask_id] = float("-inf")
         tok = score.argmax(-1)
     else:
