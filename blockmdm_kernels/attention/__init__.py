@@ -1,27 +1,186 @@
-"""Block-masked attention: public function, argument checks and dispatch."""
+"""Block-masked attention: public function, argument checks, dispatch and autograd.
+
+The fast paths run behind two ``torch.library`` custom ops (forward returning (o, lse), and the
+backward), tied together with ``register_autograd`` so ``torch.compile`` traces a model calling
+:func:`block_attention` without a graph break. The ops take the mask as plain ints and optional
+tensors; the spec (and with it the cached tile maps) is rebuilt from those by :func:`_spec`.
+"""
 
 import math
+from collections import OrderedDict
+from typing import Optional
 
 import torch
 
 from blockmdm_kernels import _dispatch
-from blockmdm_kernels.attention import reference
-from blockmdm_kernels.masks import MaskSpec
+from blockmdm_kernels.attention import cpu, reference
+from blockmdm_kernels.masks import KINDS, MaskSpec
 
 __all__ = ["block_attention"]
 
+HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SPEC_CACHE: OrderedDict = OrderedDict()
+_SPEC_CACHE_SIZE = 64
+
 
 def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
-    """Attention under a blockwise mask spec.
+    """Attention under a blockwise mask spec; only the visible tiles are computed.
 
     Args:
-        q: [B, Tq, H, D]
-        k, v: [B, Tk, Hkv, D], H % Hkv == 0
-        mask: a :class:`blockmdm_kernels.masks.MaskSpec`
+        q: [B, Tq, H, D], float32 / float16 / bfloat16 (float64 on CPU), D in 16, 32, 64, 128
+        k, v: [B, Tk, Hkv, D], same dtype and device as q, H % Hkv == 0 (GQA / MQA)
+        mask: a :class:`blockmdm_kernels.masks.MaskSpec`; query i is position
+            ``mask.q_offset + i``, key j is position j
         scale: softmax scale, default 1/sqrt(D)
     Returns:
-        [B, Tq, H, D]; a query that sees no key gets 0.
+        [B, Tq, H, D]; a query that sees no key gets 0 (and 0 gradient).
     """
+    backend = _dispatch.backend(q) if isinstance(q, torch.Tensor) else None
+    _check(q, k, v, mask, backend)
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return reference.block_attention(q, k, v, mask, scale)
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise TypeError(f"scale must be a positive float or None, got {scale!r}")
+    if backend == "reference" or q.numel() == 0 or Tk == 0:
+        return reference.block_attention(q, k, v, mask, float(scale))
+    o, _ = _attention_fwd(
+        q, k, v, KINDS.index(mask.kind), mask.block_size, mask.prefix, mask.q_offset,
+        mask.seq_len or 0, mask.masked_blocks, mask.kv_lens, float(scale), backend,
+    )
+    return o
+
+
+def _check(q, k, v, mask, backend) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, heads, D], got shape {tuple(x.shape)}")
+    if not isinstance(mask, MaskSpec):
+        raise TypeError(
+            f"mask must be a blockmdm_kernels.masks.MaskSpec (e.g. masks.causal()), got "
+            f"{type(mask).__name__}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    B, Tq, H, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k/v batch size {k.shape[0]} must equal q's batch size {B}")
+    if k.shape[3] != D:
+        raise ValueError(f"k/v head dim {k.shape[3]} must equal q's head dim {D}")
+    if k.shape[2] < 1 or H % k.shape[2]:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({k.shape[2]})")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
+    if backend != "reference":
+        allowed = _DTYPES + ((torch.float64,) if backend == "cpu" else ())
+        if q.dtype not in allowed:
+            raise TypeError(f"q dtype must be one of {allowed} on the {backend} path, "
+                            f"got {q.dtype}")
+        if D not in HEAD_DIMS:
+            raise ValueError(f"head dim D must be one of {HEAD_DIMS}, got {D}")
+    if mask.batch_size is not None and mask.batch_size != B:
+        raise ValueError(f"mask was built for batch size {mask.batch_size}, but q has batch "
+                         f"size {B}")
+    if not torch.compiler.is_compiling():
+        mask.check(B, Tq, k.shape[1])
+
+
+def _spec(kind: int, block_size: int, prefix: int, q_offset: int, seq_len: int,
+          masked_blocks: Optional[torch.Tensor], kv_lens: Optional[torch.Tensor],
+          device: torch.device) -> MaskSpec:
+    """The spec the op arguments describe, on ``device``; reused (with its tile maps) while the
+    same arguments come back."""
+    key = [kind, block_size, prefix, q_offset, seq_len, str(device)]
+    for t in (masked_blocks, kv_lens):
+        key.append(None if t is None else (tuple(t.shape), t.dtype,
+                                           t.detach().cpu().numpy().tobytes()))
+    key = tuple(key)
+    spec = _SPEC_CACHE.get(key)
+    if spec is not None:
+        _SPEC_CACHE.move_to_end(key)
+        return spec
+    spec = MaskSpec(
+        KINDS[kind], block_size, prefix,
+        masked_blocks=None if masked_blocks is None else masked_blocks.to(device),
+        kv_lens=None if kv_lens is None else kv_lens.to(device),
+        q_offset=q_offset, seq_len=seq_len or None,
+    )
+    _SPEC_CACHE[key] = spec
+    if len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
+        _SPEC_CACHE.popitem(last=False)
+    return spec
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from blockmdm_kernels.attention import triton as impl
+
+        return impl
+    return cpu
+
+
+def _lse_dtype(q: torch.Tensor, backend: str) -> torch.dtype:
+    return cpu.lse_dtype(q.dtype) if backend == "cpu" else torch.float32
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op("blockmdm::block_attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: int, block_size: int, prefix: int,
+    q_offset: int, seq_len: int, masked_blocks: Optional[torch.Tensor],
+    kv_lens: Optional[torch.Tensor], scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = _spec(kind, block_size, prefix, q_offset, seq_len, masked_blocks, kv_lens, q.device)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    return _impl(backend).forward(q, k, v, spec, scale)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, kind, block_size, prefix, q_offset, seq_len, masked_blocks, kv_lens, scale,
+      backend):
+    B, Tq, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, Tq), dtype=_lse_dtype(q, backend))
+
+
+@torch.library.custom_op("blockmdm::block_attention_bwd", mutates_args=())
+def _attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+    lse: torch.Tensor, kind: int, block_size: int, prefix: int, q_offset: int, seq_len: int,
+    masked_blocks: Optional[torch.Tensor], kv_lens: Optional[torch.Tensor], scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    spec = _spec(kind, block_size, prefix, q_offset, seq_len, masked_blocks, kv_lens, q.device)
+    do, q, k, v = (_last_dim_contiguous(x) for x in (do, q, k, v))
+    return _impl(backend).backward(do, q, k, v, o, lse, spec, scale)
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, kind, block_size, prefix, q_offset, seq_len, masked_blocks, kv_lens,
+      scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *params = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.params = params
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, *ctx.params)
+    return (dq, dk, dv) + (None,) * len(ctx.params)
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -19,7 +19,6 @@ import triton.language as tl
 from blockmdm_kernels import _dispatch
 from blockmdm_kernels.masks import KINDS, PARTIAL, MaskSpec
 
-HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
 _PARTIAL = tl.constexpr(PARTIAL)
 
@@ -399,4 +398,4 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
     return dq, dk, dv
 
 
-__all__ = ["forward", "backward", "tile_sizes", "HEAD_DIMS"]
+__all__ = ["forward", "backward", "tile_sizes"]
