@@ -13,8 +13,8 @@ import torch
 CHUNK_ELEMENTS = 1 << 20
 
 
-def chunk_rows(n_rows: int, vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
-    return max(1, min(n_rows, elements // max(vocab, 1)))
+def chunk_rows(n_rows: int, vocab: int) -> int:
+    return max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab, 1)))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -75,8 +75,8 @@ def linear_cross_entropy(h, weight, bias, y, coef, focal_gamma, z_loss, need_dh,
     w = weight.to(ct)
     b = None if bias is None else bias.to(ct)
     grads = coef is not None
-    loss = h.new_empty(n, dtype=ct)
-    dh = h.new_empty(h.shape) if grads and need_dh else None
+    loss = torch.empty(n, dtype=ct, device=h.device)
+    dh = torch.empty_like(h) if grads and need_dh else None
     dw = torch.zeros(weight.shape, dtype=ct, device=h.device) if grads and need_dw else None
     db = torch.zeros(V, dtype=ct, device=h.device) if grads and need_db else None
     step = rows_per_chunk or chunk_rows(n, V)
@@ -111,7 +111,7 @@ def cross_entropy_rows(logits, rows, y, coef, focal_gamma, z_loss, rows_per_chun
     """
     ct = compute_dtype(logits.dtype)
     n, V = rows.shape[0], logits.shape[1]
-    loss = logits.new_empty(n, dtype=ct)
+    loss = torch.empty(n, dtype=ct, device=logits.device)
     grad = torch.zeros_like(logits) if coef is not None else None
     step = rows_per_chunk or chunk_rows(n, V)
     for s in range(0, n, step):
