@@ -126,8 +126,11 @@ def decode(seq: torch.Tensor) -> torch.Tensor:
 
 
 def _pinv_fit(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Minimum-norm least squares w [n, d] of x [n, m, d] w = y [n, m]."""
-    return (torch.linalg.pinv(x) @ y.unsqueeze(-1)).squeeze(-1)
+    """Minimum-norm least squares w [n, d] of x [n, m, d] w = y [n, m] (CPU tensors)."""
+    if x.shape[1] == 0:
+        return x.new_zeros(x.shape[0], x.shape[2])
+    # gelsd handles rank-deficient (m < d) systems; batched pinv is far slower on CPU.
+    return torch.linalg.lstsq(x, y.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
 
 
 def evaluate(predictions: torch.Tensor, references: LinRegData) -> dict:
@@ -155,7 +158,7 @@ def evaluate(predictions: torch.Tensor, references: LinRegData) -> dict:
         raise ValueError(
             f"predictions must be [{n}, {2 * points}, {d}] or [{n}, {r}], got {tuple(pred.shape)}"
         )
-    x, y = references.x.double(), references.y.double()
+    x, y = references.x.cpu().double(), references.y.cpu().double()
     y_resp = y[:, p:]
     w_hat = _pinv_fit(x[:, :p], y[:, :p])
     lsq = torch.einsum("nrd,nd->nr", x[:, p:], w_hat)
