@@ -58,7 +58,7 @@ def test_sudoku_generate_unique_by_independent_solver():
         assert _count_solutions(puzzle) == [solution]
 
 
-@pytest.mark.parametrize("difficulty", [0.0, 0.5, 0.8])
+@pytest.mark.parametrize("difficulty", [0.0, 0.5, 0.8, 1.0])
 def test_sudoku_difficulty_holes_and_givens(difficulty):
     holes = int(25 + 33 * difficulty)
     assert sudoku.holes_for(difficulty) == holes
@@ -77,6 +77,8 @@ def test_sudoku_bad_parameters():
             sudoku.generate(2, difficulty=bad, cache=False)
     with pytest.raises(ValueError, match="n must be"):
         sudoku.generate(-1, cache=False)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        sudoku.generate(2, seed=-3, cache=False)
     with pytest.raises(ValueError, match="pool_size"):
         sudoku.generate(2, pool_size=0, cache=False)
 
@@ -255,6 +257,9 @@ def test_pathfind_metrics_hand_made():
     assert result["token_accuracy"] == pytest.approx((3 + 2 + 2 + 2) / 12)
     tok = pathfind.encode(lines, n_nodes=4)["tokens"]
     assert pathfind.evaluate(tok, refs, n_nodes=4) == result
+    assert pathfind.evaluate(tok, pathfind.encode(refs, n_nodes=4)["tokens"], n_nodes=4) == result
+    with pytest.raises(ValueError, match="one '=' per row"):
+        pathfind.evaluate(tok, tok[:, :5], n_nodes=4)
     # A MASK or separator left in the path makes it neither exact nor valid.
     tok[0, -2] = pathfind.mask_id(n_nodes=4)
     tok[1, -1] = 4

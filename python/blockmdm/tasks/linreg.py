@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from blockmdm.tasks._cache import cached_tensors
+from blockmdm.tasks._common import cached_tensors, check_int
 
 CONTINUOUS = True
 DEFAULTS = {"d": 10, "n_prompt": 20, "n_response": 20}
@@ -93,10 +93,9 @@ def _build_seq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def generate(n: int, seed: int = 0, d: int = 10, n_prompt: int = 20, n_response: int = 20,
              cache_dir=None, cache: bool = False) -> LinRegData:
     """``n`` sequences, deterministic in (n, seed, d, n_prompt, n_response)."""
-    for name, value, low in (("n", n, 0), ("d", d, 1), ("n_prompt", n_prompt, 0),
-                             ("n_response", n_response, 1)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    for name, value, low in (("n", n, 0), ("seed", seed, 0), ("d", d, 1),
+                             ("n_prompt", n_prompt, 0), ("n_response", n_response, 1)):
+        check_int(name, value, low)
 
     def make():
         gen = torch.Generator().manual_seed(seed)

@@ -12,22 +12,20 @@ lines of different lengths by left-padding the prompt and right-padding the resp
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from blockmdm.tasks._cache import cached_lines
+from blockmdm.tasks._common import cached_lines, check_int, read_lines
 
 CONTINUOUS = False
 DEFAULTS = {"n_nodes": 100, "degree": 3, "path_len": 10}
 
 
 def _check(n_nodes=100, degree=3, path_len=10):
-    for name, value, low in (("n_nodes", n_nodes, 2), ("degree", degree, 1),
-                             ("path_len", path_len, 2)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    check_int("n_nodes", n_nodes, 2)
+    check_int("degree", degree, 1)
+    check_int("path_len", path_len, 2)
     if 1 + degree * (path_len - 1) > n_nodes:
         raise ValueError(
             f"n_nodes must be >= 1 + degree * (path_len - 1) = {1 + degree * (path_len - 1)}, "
@@ -74,8 +72,8 @@ def _graph_line(rng: random.Random, n_nodes, degree, path_len) -> str:
 def generate(n: int, seed: int = 0, n_nodes: int = 100, degree: int = 3, path_len: int = 10,
              cache_dir=None, cache: bool = True) -> list:
     """``n`` star-graph lines, deterministic in (n, seed, params); cached (see ``_cache``)."""
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    check_int("n", n, 0)
+    check_int("seed", seed, 0)
     _check(n_nodes, degree, path_len)
 
     def make():
@@ -228,21 +226,29 @@ def evaluate(predictions, references, n_nodes: int = 100) -> dict:
     Args:
         predictions: int tokens [n, T] laid out like ``encode(references)`` (the path is read
             after its ``prompt_len``; trailing ``$`` dropped), or lines (the path after ``=``).
-        references: lines.
+        references: lines, or int tokens [n, T] with ``=`` in one column (as from ``encode``).
     Returns:
         ``exact``: fraction of paths equal to the reference; ``token_accuracy``: fraction of
         reference path positions predicted right; ``valid``: fraction of predicted paths that
         follow edges from s to g; ``n``.
     """
-    if not (isinstance(references, (list, tuple)) and all(isinstance(s, str) for s in references)):
-        raise TypeError("references must be a list of lines")
+    if isinstance(references, (torch.Tensor, np.ndarray)):
+        ref_tok = torch.as_tensor(references).long().cpu()
+        is_eq = ref_tok == n_nodes + 1
+        if ref_tok.ndim != 2 or not (is_eq.sum(1) == 1).all() or (is_eq != is_eq[:1]).any():
+            raise ValueError("reference tokens must be [n, T] with one '=' per row, in one column")
+        prompt_cut = int(is_eq[0].long().argmax()) + 1 if len(ref_tok) else 0
+        references = decode(ref_tok, n_nodes)
+    elif isinstance(references, (list, tuple)) and all(isinstance(s, str) for s in references):
+        prompt_cut = encode(references, n_nodes)["prompt_len"]
+    else:
+        raise TypeError("references must be a list of lines or a token tensor [n, T]")
     parsed = []
     for k, line in enumerate(references):
         try:
             parsed.append(parse_line(line, n_nodes))
         except ValueError as err:
             raise ValueError(f"references line {k + 1}: {err}") from None
-    prompt_cut = encode(references, n_nodes)["prompt_len"] if references else 0
     paths = _predicted_paths(predictions, len(parsed), prompt_cut, n_nodes)
     exact = hits = total = valid = 0
     for (edges, s, g, ref), pred in zip(parsed, paths):
@@ -273,14 +279,4 @@ def load_lines(path, n_nodes: int = 100) -> list:
 
     Raises ValueError naming the file, the line number and the reason for a bad line.
     """
-    lines = []
-    with open(Path(path)) as f:
-        for number, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            reason = check_line(line, n_nodes)
-            if reason:
-                raise ValueError(f"{path}:{number}: {reason}")
-            lines.append(line)
-    return lines
+    return read_lines(path, lambda line: check_line(line, n_nodes))

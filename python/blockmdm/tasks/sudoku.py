@@ -19,12 +19,11 @@ them per base puzzle, so 100k puzzles drawn from 1000 bases repeat with negligib
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from blockmdm.tasks._cache import cached_lines
+from blockmdm.tasks._common import cached_lines, check_int, read_lines
 
 CONTINUOUS = False
 DEFAULTS = {"difficulty": 0.8}
@@ -198,10 +197,9 @@ def generate(n: int, seed: int = 0, difficulty: float = 0.8, pool_size: int = PO
              cache_dir=None, cache: bool = True) -> list:
     """``n`` puzzle lines with ``int(25 + 33 * difficulty)`` blanks each, deterministic in
     (n, seed, difficulty, pool_size). Cached under ``cache_dir`` (see ``_cache``)."""
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
-    if not isinstance(pool_size, int) or pool_size < 1:
-        raise ValueError(f"pool_size must be an int >= 1, got {pool_size!r}")
+    check_int("n", n, 0)
+    check_int("seed", seed, 0)
+    check_int("pool_size", pool_size, 1)
     holes = holes_for(difficulty)
 
     def make():
@@ -346,14 +344,4 @@ def load_lines(path) -> list:
 
     Raises ValueError naming the file, the line number and the reason for a bad line.
     """
-    lines = []
-    with open(Path(path)) as f:
-        for number, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            reason = check_line(line)
-            if reason:
-                raise ValueError(f"{path}:{number}: {reason}")
-            lines.append(line)
-    return lines
+    return read_lines(path, check_line)

@@ -1,8 +1,8 @@
-"""On-disk cache for generated datasets, keyed by task, parameters, size and seed.
+"""Helpers shared by the tasks: argument checks, reading line files, and the on-disk cache.
 
-The directory is ``cache_dir`` when given, else ``$BLOCKMDM_CACHE_DIR``, else
-``~/.cache/blockmdm``. Files are written to a temporary name and renamed, so a crashed or
-concurrent writer never leaves a half-written file behind.
+Generated datasets are cached keyed by task, parameters, size and seed, under ``cache_dir``
+when given, else ``$BLOCKMDM_CACHE_DIR``, else ``~/.cache/blockmdm``. Files are written to a
+temporary name and renamed, so a crashed or concurrent writer never leaves half a file behind.
 """
 
 from __future__ import annotations
@@ -15,6 +15,27 @@ from pathlib import Path
 from typing import Callable
 
 FORMAT_VERSION = 1
+
+
+def check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def read_lines(path, check: Callable[[str], str]) -> list:
+    """Non-blank stripped lines of the text file ``path``; ValueError naming the file, the line
+    number and the reason when ``check(line)`` returns one."""
+    lines = []
+    with open(Path(path)) as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            reason = check(line)
+            if reason:
+                raise ValueError(f"{path}:{number}: {reason}")
+            lines.append(line)
+    return lines
 
 
 def cache_root(cache_dir=None) -> Path:
