@@ -258,6 +258,9 @@ def test_pathfind_metrics_hand_made():
     tok = pathfind.encode(lines, n_nodes=4)["tokens"]
     assert pathfind.evaluate(tok, refs, n_nodes=4) == result
     assert pathfind.evaluate(tok, pathfind.encode(refs, n_nodes=4)["tokens"], n_nodes=4) == result
+    assert pathfind.evaluate(tok[:, -3:], refs, n_nodes=4) == result
+    with pytest.raises(ValueError, match="predictions must be"):
+        pathfind.evaluate(tok[:, 1:], refs, n_nodes=4)
     with pytest.raises(ValueError, match="one '=' per row"):
         pathfind.evaluate(tok, tok[:, :5], n_nodes=4)
     # A MASK or separator left in the path makes it neither exact nor valid.
@@ -307,7 +310,7 @@ def test_linreg_shapes_and_layout():
     assert mask.nonzero().flatten().tolist() == [13, 15, 17, 19]
     enc = linreg.encode(data)
     assert torch.equal(enc["target_mask"], mask) and enc["prompt_len"] == 12 and enc["dim"] == 5
-    assert torch.equal(linreg.decode(enc["seq"]), data.y)
+    assert torch.equal(linreg.decode(enc["vectors"]), data.y)
     assert torch.equal(linreg.generate(8, seed=1, d=5, n_prompt=6, n_response=4).seq, data.seq)
     assert not torch.equal(linreg.generate(8, seed=2, d=5, n_prompt=6, n_response=4).seq, data.seq)
 
@@ -370,6 +373,6 @@ def test_registry():
     for name, task in tasks.TASKS.items():
         lines_or_data = task.generate(3, seed=0, cache=False)
         enc = task.encode(lines_or_data)
-        key = "seq" if task.CONTINUOUS else "tokens"
+        key = "vectors" if task.CONTINUOUS else "tokens"
         assert enc[key].shape[1] == tasks.info(name)["seq_len"], name
         assert np.isscalar(enc["prompt_len"])

@@ -109,10 +109,10 @@ def generate(n: int, seed: int = 0, d: int = 10, n_prompt: int = 20, n_response:
 
 
 def encode(data: LinRegData) -> dict:
-    """``{"seq": float32 [n, T, d], "prompt_len": 2P, "target_mask": bool [T], "dim": d,
-    "vocab_size": None, "mask_id": None}`` (the data itself: the task has no tokenizer)."""
+    """``{"vectors": float32 [n, T, d] (= data.seq), "prompt_len": 2P, "target_mask": bool [T],
+    "dim": d, "vocab_size": None, "mask_id": None}``: the task has no tokenizer."""
     n_response = data.seq.shape[1] // 2 - data.n_prompt
-    return {"seq": data.seq, "prompt_len": data.prompt_len,
+    return {"vectors": data.seq, "prompt_len": data.prompt_len,
             "target_mask": target_mask(data.seq.shape[2], data.n_prompt, n_response),
             "dim": data.seq.shape[2], "vocab_size": None, "mask_id": None}
 

@@ -197,7 +197,7 @@ def decode(tokens, n_nodes: int = 100) -> list:
     return lines
 
 
-def _predicted_paths(predictions, n, prompt_cut, n_nodes):
+def _predicted_paths(predictions, n, prompt_cut, width, n_nodes):
     """Per row, the predicted path as a list of node ids (None for a non-node token)."""
     if isinstance(predictions, (list, tuple)) and all(isinstance(s, str) for s in predictions):
         if len(predictions) != n:
@@ -210,10 +210,11 @@ def _predicted_paths(predictions, n, prompt_cut, n_nodes):
     if not isinstance(predictions, (torch.Tensor, np.ndarray)):
         raise TypeError("predictions must be a token tensor [n, T] or a list of lines")
     pred = torch.as_tensor(predictions).long().cpu()
-    if pred.ndim != 2 or pred.shape[0] != n or pred.shape[1] < prompt_cut:
-        raise ValueError(f"predictions must be [{n}, T >= {prompt_cut}], got {tuple(pred.shape)}")
+    if pred.ndim != 2 or pred.shape[0] != n or pred.shape[1] not in (width, width - prompt_cut):
+        raise ValueError(f"predictions must be [{n}, {width}] (full) or [{n}, "
+                         f"{width - prompt_cut}] (response), got {tuple(pred.shape)}")
     out = []
-    for row in pred[:, prompt_cut:].tolist():
+    for row in pred[:, pred.shape[1] - (width - prompt_cut):].tolist():
         while row and row[-1] == n_nodes + 3:
             row.pop()
         out.append([t if 0 <= t < n_nodes else None for t in row])
@@ -225,7 +226,8 @@ def evaluate(predictions, references, n_nodes: int = 100) -> dict:
 
     Args:
         predictions: int tokens [n, T] laid out like ``encode(references)`` (the path is read
-            after its ``prompt_len``; trailing ``$`` dropped), or lines (the path after ``=``).
+            after its ``prompt_len``; trailing ``$`` dropped) or just their response part
+            [n, T - prompt_len], or lines (the path after ``=``).
         references: lines, or int tokens [n, T] with ``=`` in one column (as from ``encode``).
     Returns:
         ``exact``: fraction of paths equal to the reference; ``token_accuracy``: fraction of
@@ -238,9 +240,11 @@ def evaluate(predictions, references, n_nodes: int = 100) -> dict:
         if ref_tok.ndim != 2 or not (is_eq.sum(1) == 1).all() or (is_eq != is_eq[:1]).any():
             raise ValueError("reference tokens must be [n, T] with one '=' per row, in one column")
         prompt_cut = int(is_eq[0].long().argmax()) + 1 if len(ref_tok) else 0
+        width = ref_tok.shape[1]
         references = decode(ref_tok, n_nodes)
     elif isinstance(references, (list, tuple)) and all(isinstance(s, str) for s in references):
-        prompt_cut = encode(references, n_nodes)["prompt_len"]
+        enc = encode(references, n_nodes)
+        prompt_cut, width = enc["prompt_len"], enc["tokens"].shape[1]
     else:
         raise TypeError("references must be a list of lines or a token tensor [n, T]")
     parsed = []
@@ -249,7 +253,7 @@ def evaluate(predictions, references, n_nodes: int = 100) -> dict:
             parsed.append(parse_line(line, n_nodes))
         except ValueError as err:
             raise ValueError(f"references line {k + 1}: {err}") from None
-    paths = _predicted_paths(predictions, len(parsed), prompt_cut, n_nodes)
+    paths = _predicted_paths(predictions, len(parsed), prompt_cut, width, n_nodes)
     exact = hits = total = valid = 0
     for (edges, s, g, ref), pred in zip(parsed, paths):
         exact += pred == ref
