@@ -58,7 +58,7 @@ def denoise_step(logits, tokens, active, *, mask_id, k=None, threshold=None, tem
     B, T, V = _check(logits, tokens, active, mask_id, k, threshold, temperature, confidence,
                      generator)
     if isinstance(k, torch.Tensor):
-        k = k.to(torch.int64)
+        k = k.to(torch.int64).contiguous()
     seed = None
     if temperature > 0 or confidence == "random":
         gen_device = generator.device if generator is not None else logits.device

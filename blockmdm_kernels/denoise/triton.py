@@ -58,17 +58,19 @@ def _denoise_fwd_kernel(
     b_s = tl.zeros([BLOCK_V], tl.float32)
     b_w = tl.zeros([BLOCK_V], tl.float32)
     b_m2 = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    b_a = tl.zeros([BLOCK_V], tl.int64)
+    b_a = tl.zeros([BLOCK_V], tl.int32)
     b_gs = tl.full([BLOCK_V], float("-inf"), tl.float64)
-    b_ga = tl.zeros([BLOCK_V], tl.int64)
+    b_ga = tl.zeros([BLOCK_V], tl.int32)
     b_gx = tl.full([BLOCK_V], float("-inf"), tl.float32)
     if SAMPLE:
         seed = tl.load(p_seed).to(tl.uint64, bitcast=True)
         temp = tl.load(p_temp)
     for i_v in range(0, n_blk):
         o_v = i_v * BLOCK_V + o_lane
+        # the mask token is knocked out after the load so the load stays vectorised
+        b_x = tl.load(p_row + o_v * stride_v, mask=o_v < V, other=float("-inf")).to(tl.float32)
         m_v = (o_v < V) & (o_v != mask_id)
-        b_x = tl.load(p_row + o_v * stride_v, mask=m_v, other=float("-inf")).to(tl.float32)
+        b_x = tl.where(m_v, b_x, float("-inf"))
         b_up = b_x > b_m  # [BV] a new lane max; strict, so a lane keeps its first argmax
         if CONF != 3:
             b_d = b_x - b_m
@@ -163,9 +165,10 @@ def token_and_confidence(logits, active, *, mask_id, temperature, confidence, se
     sample = temperature > 0
     tok = torch.empty(B, T, dtype=torch.int64, device=dev)
     conf = torch.empty(B, T, dtype=torch.float32, device=dev)
-    seed_t = seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=dev)
-    temp_t = torch.full((1,), float(temperature) if sample else 1.0, dtype=torch.float64,
-                        device=dev)
+    # unused pointer arguments get any tensor rather than a fill kernel each
+    seed_t = seed if seed is not None else tok
+    temp_t = torch.full((1,), float(temperature), dtype=torch.float64, device=dev) if sample \
+        else tok
     block_v, warps = _block_v(V, sample)
     gpu = _dispatch.on_gpu_hardware()
     _denoise_fwd_kernel[(B * T,)](

@@ -90,7 +90,7 @@ def test_denoise_step_greedy_leaves_generator_alone():
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_denoise_step_exactly_k(backend, temperature, monkeypatch):
-    logits, tokens, active, mask_id = problem(4, 40, 123, frac=0.3)
+    logits, tokens, active, mask_id = problem(4, 19, 123, frac=0.4)
     active[0] = False
     active[1, :2] = True
     active[1, 2:] = False
@@ -119,10 +119,10 @@ def test_denoise_step_k_tensor(backend, monkeypatch):
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("confidence", ["prob", "margin"])
 def test_denoise_step_threshold(backend, confidence, monkeypatch):
-    logits, tokens, active, mask_id = problem(5, 33, 64, frac=0.4)
+    logits, tokens, active, mask_id = problem(5, 13, 64, frac=0.5)
     logits[:, ::3] *= 4  # some confident positions
     active[2] = False
-    for threshold in (0.0, 0.5, 0.9, 2.0):
+    for threshold in (0.0, 0.5, 2.0):
         new, committed, conf = step(backend, monkeypatch, logits, tokens, active,
                                     mask_id=mask_id, threshold=threshold, confidence=confidence)
         has = active.any(1)
