@@ -215,6 +215,10 @@ def test_pathfind_deterministic_and_cached(tmp_path):
     assert pathfind.generate(10, seed=3, cache_dir=tmp_path) == a
     assert pathfind.generate(10, seed=3, cache_dir=tmp_path) == a
     assert len(list(tmp_path.iterdir())) == 1
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.warns(UserWarning, match="could not cache"):
+        assert pathfind.generate(10, seed=3, cache_dir=not_a_dir) == a
 
 
 def test_pathfind_tokenizer_round_trip():

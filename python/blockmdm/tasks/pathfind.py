@@ -71,7 +71,7 @@ def _graph_line(rng: random.Random, n_nodes, degree, path_len) -> str:
 
 def generate(n: int, seed: int = 0, n_nodes: int = 100, degree: int = 3, path_len: int = 10,
              cache_dir=None, cache: bool = True) -> list:
-    """``n`` star-graph lines, deterministic in (n, seed, params); cached (see ``_cache``)."""
+    """``n`` star-graph lines, deterministic in (n, seed, params); cached (``tasks._common``)."""
     check_int("n", n, 0)
     check_int("seed", seed, 0)
     _check(n_nodes, degree, path_len)

@@ -7,13 +7,16 @@ and the solution (81 digits). Tokens: digit d -> d - 1, ``$`` -> 9, ``=`` -> 10,
 Generation. A puzzle with ``holes = int(25 + 33 * difficulty)`` blanks is made by filling a
 random grid with a bitmask backtracking solver and blanking cells in random order, keeping a
 blank only when the puzzle still has exactly one solution (the solver counts solutions up to 2);
-a run that cannot reach ``holes`` starts over. That costs about 5 ms per puzzle at 51 holes
-and 0.2 s at 58 holes in pure Python, so ``generate`` builds a pool of ``min(n, pool_size)``
-base puzzles this way (base k is seeded by (seed, holes, k), so distinct seeds give disjoint
-pools, and the pool is cached on disk) and expands it by random Sudoku symmetries: digit
-relabelling, row permutations within bands, band permutations, the same for columns and stacks,
-and transposition. These keep validity and uniqueness, and there are 9! * 6^8 * 2 ~ 1.2e12 of
-them per base puzzle, so 100k puzzles drawn from 1000 bases repeat with negligible probability.
+a run that cannot reach ``holes`` starts over. In pure Python that costs about 5 ms per puzzle
+up to ~55 holes and 0.2 s at 58 holes (difficulty 1.0), too slow for 100k puzzles, so
+``generate`` builds a pool of ``min(n, pool_size)`` base puzzles this way and expands it by
+random Sudoku symmetries: digit relabelling, row permutations within bands, band permutations,
+the same for columns and stacks, and transposition. These keep validity and uniqueness, and
+there are 9! * 6^8 * 2 ~ 1.2e12 of them per base puzzle, so 100k puzzles drawn from 1000 bases
+repeat with negligible probability. Base k is seeded by (seed, holes, k): distinct seeds give
+disjoint pools (train and eval sets share no base puzzle). The pool is cached on disk; building
+the default 1000 bases takes ~5 s at the default difficulty and ~3 min at difficulty 1.0
+(lower ``pool_size`` to start faster).
 """
 
 from __future__ import annotations
@@ -196,7 +199,7 @@ def _transform(grids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def generate(n: int, seed: int = 0, difficulty: float = 0.8, pool_size: int = POOL_SIZE,
              cache_dir=None, cache: bool = True) -> list:
     """``n`` puzzle lines with ``int(25 + 33 * difficulty)`` blanks each, deterministic in
-    (n, seed, difficulty, pool_size). Cached under ``cache_dir`` (see ``_cache``)."""
+    (n, seed, difficulty, pool_size). Cached under ``cache_dir`` (see ``tasks._common``)."""
     check_int("n", n, 0)
     check_int("seed", seed, 0)
     check_int("pool_size", pool_size, 1)
