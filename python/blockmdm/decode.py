@@ -42,17 +42,19 @@ is cut into blocks of ``block_size`` (the last one may be shorter); position ``p
     times themselves are not needed: only their order, which is uniform.
 ``jigsaw``
     Each row picks, from one model call, the unfinished block whose masked positions have the
-    lowest mean entropy, then fills that block left to right; ``steps`` are spread over the
-    blocks in the order they are picked, ``k`` per step as for ``confidence`` (default
-    ``steps = length``: one position per step). The call that picks a block also makes its first
-    commit.
+    lowest mean entropy (mask token excluded), then fills that block left to right; the call
+    that picks a block also makes its first commit. Default: one position per step, so
+    ``nfe = length``. With ``steps``, they are spread over the blocks in the order they are
+    picked, ``k`` per step as for ``confidence``. Rows pick independently (each in the first
+    call after its previous block is done) but all take one step per call.
 ``scatter``
     Offset 0 of every block, then offset 1, ...; ``steps`` are spread over the offsets and each
     step commits the most confident positions of the current offset (default: one step per
     offset, committing the offset in every block at once).
 ``ar``
     Greedy (or sampled at ``temperature``) next-token decoding, one token per call, with a KV
-    cache: the prompt is prefilled, then each call sends one token.
+    cache: the prompt is prefilled, then each call sends one token. ``use_cache=False`` sends
+    the whole prefix every call instead.
 
 Attention masks (``attention``): the mask the model was trained with. Defaults: ``ar`` ->
 ``causal``; ``confidence``, ``threshold``, ``ddpm`` -> ``full``; ``first_hitting`` ->
@@ -62,10 +64,12 @@ Attention masks (``attention``): the mask the model was trained with. Defaults: 
 
 KV cache (``use_cache=True``): ``ar`` always; ``block_causal`` with a strategy that decodes the
 blocks in order: finished blocks are cached and never recomputed. A call sends only the current
-block, and once after a block finishes it sends ``[finished block | next block]`` so the
-finished block's K/V are computed from its final tokens. The tokens equal those of
-``use_cache=False`` (which sends the whole sequence every call). Other masks let every position
-see changing tokens, so the cache does not apply there and the whole sequence is sent.
+block (the first call also the prompt), and once after a block finishes it sends
+``[finished block | next block]`` so the finished block's K/V are computed from its final tokens.
+In exact arithmetic the tokens equal those of ``use_cache=False`` (which sends the whole sequence
+every call); in low precision the different shapes may round differently. Other masks let
+every position see changing tokens, so the cache does not apply there and the whole sequence is
+sent.
 """
 
 from __future__ import annotations
