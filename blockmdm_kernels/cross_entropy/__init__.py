@@ -174,6 +174,8 @@ def _(grad_loss, hidden, weight, bias, targets, weights, ignore_index, focal_gam
 def _linear_setup(ctx, inputs, output):
     (hidden, weight, bias, targets, weights, ignore_index, reduction, focal_gamma, z_loss,
      need_dh, need_dw, need_db, backend) = inputs
+    # the gradient outputs get no incoming gradient: do not allocate zeros for them
+    ctx.set_materialize_grads(False)
     ctx.fused = reduction != "none"
     ctx.need = (need_dh, need_dw, need_db)
     ctx.args = (ignore_index, focal_gamma, z_loss, need_dh, need_dw, need_db, backend)
@@ -184,8 +186,15 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _linear_backward(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * 13
     if ctx.fused:
-        grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        # scaled in place: a second copy of dW would double the op's peak memory
+        if getattr(ctx, "scaled", False):
+            raise RuntimeError("linear_masked_cross_entropy with reduction 'mean'/'sum' "
+                               "supports one backward pass per forward (no retain_graph reuse)")
+        ctx.scaled = True
+        grads = [g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors]
     else:
         grads = _linear_bwd_op(grad_loss, *ctx.saved_tensors, *ctx.args)
     dh, dw, db = (g if need else None for g, need in zip(grads, ctx.need))

@@ -8,9 +8,9 @@ a native kernel can take over.
 
 import torch
 
-# Elements in one chunk of logits: 4 MiB of fp32, small next to N*V for the shapes that matter
-# and large enough for the matmuls to stay efficient.
-CHUNK_ELEMENTS = 1 << 20
+# Elements in one chunk of logits (32 MiB of fp32): small next to N*V for the shapes that matter,
+# and enough rows per chunk that the matmuls are not bound by streaming the weight from memory.
+CHUNK_ELEMENTS = 1 << 23
 
 
 def chunk_rows(n_rows: int, vocab: int) -> int:
@@ -80,13 +80,21 @@ def linear_cross_entropy(h, weight, bias, y, coef, focal_gamma, z_loss, need_dh,
     dw = torch.zeros(weight.shape, dtype=ct, device=h.device) if grads and need_dw else None
     db = torch.zeros(V, dtype=ct, device=h.device) if grads and need_db else None
     step = rows_per_chunk or chunk_rows(n, V)
+    buf = torch.empty(min(step, n), V, dtype=ct, device=h.device)
     for s in range(0, n, step):
         hc = h[s:s + step].to(ct)
-        x = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())  # [C, V]
+        x = buf[:hc.shape[0]]  # [C, V]
+        if b is None:
+            torch.mm(hc, w.t(), out=x)
+        else:
+            torch.addmm(b, hc, w.t(), out=x)
         loss[s:s + step] = rows_loss_grad(x, y[s:s + step], None if coef is None
                                           else coef[s:s + step], focal_gamma, z_loss)
         if dh is not None:
-            dh[s:s + step] = x @ w
+            if dh.dtype == ct:
+                torch.mm(x, w, out=dh[s:s + step])
+            else:
+                dh[s:s + step] = x @ w
         if dw is not None:
             dw.addmm_(x.t(), hc)
         if db is not None:

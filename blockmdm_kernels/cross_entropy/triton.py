@@ -145,9 +145,14 @@ def linear_cross_entropy(h, weight, bias, y, coef, focal_gamma, z_loss, need_dh,
           if grads and need_dw else None)
     db = torch.zeros(V, dtype=torch.float32, device=h.device) if grads and need_db else None
     step = rows_per_chunk or _chunk_rows(n, V, CHUNK_ELEMENTS)
+    buf = torch.empty(min(step, n), V, dtype=h.dtype, device=h.device)
     for s in range(0, n, step):
         hc = h[s:s + step]
-        x = hc @ weight.t() if bias is None else torch.addmm(bias, hc, weight.t())  # [C, V]
+        x = buf[:hc.shape[0]]  # [C, V]
+        if bias is None:
+            torch.mm(hc, weight.t(), out=x)
+        else:
+            torch.addmm(bias, hc, weight.t(), out=x)
         _launch(x, None, y[s:s + step], None if coef is None else coef[s:s + step], x,
                 loss[s:s + step], focal_gamma, z_loss)
         if dh is not None:

@@ -1,0 +1,147 @@
+"""bk.linear_masked_cross_entropy against (a) torch linear + F.cross_entropy(reduction="none") *
+weights on materialised logits and (b) torch.nn.functional.linear_cross_entropy (chunked,
+``LinearCrossEntropyOptions()``) where the installed torch has it.
+
+    python benchmarks/bench_cross_entropy.py [--device cpu|cuda] [--quick] [--out DIR]
+
+Each timing is forward + backward (gradients for hidden and weight) of a mean over the selected
+rows; 15 %, 50 % and 100 % of the rows selected at random (weight 1 / t-like values in (0.5, 1.5],
+others 0). (a) computes all N rows and multiplies by the weights, (b) takes the unselected rows as
+ignore_index (it has no per-row weights). Peak memory is what ``benchmarks.common.peak_memory``
+reports beyond the inputs. As a pytest-benchmark module it times small shapes.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+
+import blockmdm_kernels as bk  # noqa: E402
+from benchmarks.common import bench, peak_memory, write_report  # noqa: E402
+
+FRACTIONS = (0.15, 0.5, 1.0)
+
+# (N, D, V, dtype)
+CONFIGS = {
+    "cuda": (32768, 4096, 128256, torch.bfloat16),
+    "cpu": (4096, 1024, 32000, torch.float32),
+    "quick": (512, 256, 4000, torch.float32),
+}
+
+
+def has_torch_linear_ce() -> bool:
+    return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
+def make(N, D, V, dtype, device, fraction, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(V, D, generator=g) / D**0.5).to(device=device, dtype=dtype)
+    weight.requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    weights = torch.zeros(N)
+    chosen = torch.randperm(N, generator=g)[: round(fraction * N)]
+    weights[chosen] = torch.rand(len(chosen), generator=g) + 0.5
+    return hidden, weight, targets.to(device), weights.to(device)
+
+
+def ours_fn(hidden, weight, targets, weights):
+    def fn():
+        bk.linear_masked_cross_entropy(hidden, weight, targets, weights).backward()
+        hidden.grad = weight.grad = None
+    return fn
+
+
+def torch_fn(hidden, weight, targets, weights):
+    """(a): the loss as MDM training code writes it, on materialised [N, V] logits."""
+    count = (weights != 0).sum().clamp_min(1)
+
+    def fn():
+        logits = F.linear(hidden, weight)
+        loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / count
+        loss.backward()
+        hidden.grad = weight.grad = None
+    return fn
+
+
+def torch_linear_ce_fn(hidden, weight, targets, weights):
+    """(b): torch's fused linear cross-entropy; unselected rows become ignore_index."""
+    masked = torch.where(weights != 0, targets, torch.full_like(targets, -100))
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def fn():
+        F.linear_cross_entropy(hidden, weight, masked, ignore_index=-100,
+                               options=options).backward()
+        hidden.grad = weight.grad = None
+    return fn
+
+
+def measure(N, D, V, dtype, device, fraction, timing):
+    inputs = make(N, D, V, dtype, device, fraction)
+    row = {"N": N, "D": D, "V": V, "dtype": str(dtype).replace("torch.", ""),
+           "selected %": round(100 * fraction)}
+    methods = [("ours", ours_fn), ("torch (a)", torch_fn)]
+    if has_torch_linear_ce():
+        methods.append(("torch linear_ce (b)", torch_linear_ce_fn))
+    for name, make_fn in methods:
+        fn = make_fn(*inputs)
+        row[f"{name} ms"] = bench(fn, device, **timing)
+        row[f"{name} peak MB"] = peak_memory(fn, device) / 2**20
+    row["speed-up vs (a)"] = row["torch (a) ms"] / row["ours ms"]
+    row["memory / (a)"] = row["ours peak MB"] / row["torch (a) peak MB"]
+    if has_torch_linear_ce():
+        row["speed-up vs (b)"] = row["torch linear_ce (b) ms"] / row["ours ms"]
+    return row
+
+
+def run(device: str, quick: bool):
+    N, D, V, dtype = CONFIGS["quick" if quick else device]
+    # a CPU step of the full shape takes seconds: few repetitions keep the run within minutes
+    timing = {} if device == "cuda" or quick else {"warmup": 1, "rep": 2, "min_time": 0.0}
+    rows = []
+    for fraction in FRACTIONS:
+        rows.append(measure(N, D, V, dtype, device, fraction, timing))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    rows = run(args.device, args.quick)
+    notes = (
+        "ours = `bk.linear_masked_cross_entropy(hidden, weight, targets, weights)`, reduction "
+        "mean; (a) = `F.linear` + `F.cross_entropy(reduction=\"none\") * weights`, summed and "
+        "divided by the selected count; (b) = `F.linear_cross_entropy(..., "
+        "options=LinearCrossEntropyOptions())` with unselected rows as ignore_index. Times are "
+        "forward + backward (grads of hidden and weight), median ms; peak MB is "
+        "`benchmarks.common.peak_memory` (CUDA: allocator peak beyond the inputs; CPU: the "
+        "profiler's running sum of allocations, which counts allocations inside nested ops more "
+        "than once, for every method alike)."
+    )
+    if not has_torch_linear_ce():
+        notes += (f"\n\ntorch {torch.__version__} has no "
+                  "`torch.nn.functional.linear_cross_entropy`: column (b) is left out.")
+    write_report("cross_entropy", "Masked linear cross-entropy: forward + backward", rows,
+                 args.device, notes, args.out)
+
+
+def test_linear_masked_cross_entropy(benchmark):
+    benchmark(ours_fn(*make(256, 64, 1000, torch.float32, "cpu", 0.5)))
+
+
+def test_torch_cross_entropy(benchmark):
+    benchmark(torch_fn(*make(256, 64, 1000, torch.float32, "cpu", 0.5)))
+
+
+if __name__ == "__main__":
+    main()
