@@ -41,16 +41,64 @@ def _uniform(seed, index):
 
 
 @triton.jit
+def _reduce(b_m, b_s, b_w, b_m2, b_a, b_gs, b_ga, b_gx, V,
+            SAMPLE: tl.constexpr, CONF: tl.constexpr):
+    """Merge per-lane (or per-split) statistics into the row's: max, sum-exp and entropy sum
+    relative to the max, second largest, first argmax, and the Gumbel-max winner."""
+    m = tl.max(b_m, 0)
+    i_top = tl.min(tl.where(b_m == m, b_a, V), 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = m_safe
+    w = m_safe
+    m2 = m_safe
+    if CONF != 3:
+        b_scale = tl.exp(b_m - m_safe)
+        s = tl.sum(b_s * b_scale, 0)
+        if CONF == 2:
+            w = tl.sum(tl.where(b_s > 0, b_scale * (b_w + b_s * (b_m - m_safe)), 0.0), 0)
+        if CONF == 1:
+            # the best lane's runner-up or another lane's max
+            m2 = tl.maximum(tl.max(b_m2, 0),
+                            tl.max(tl.where(b_a == i_top, float("-inf"), b_m), 0))
+    tok = i_top
+    gs = m_safe.to(tl.float64)
+    x_tok = m
+    if SAMPLE:
+        gs = tl.max(b_gs, 0)
+        tok = tl.min(tl.where(b_gs == gs, b_ga, V), 0)
+        x_tok = tl.max(tl.where(b_ga == tok, b_gx, float("-inf")), 0)
+    return m, s, w, m2, i_top, tok, gs, x_tok
+
+
+@triton.jit
+def _finish(p_tok, p_conf, i_r, act, m, s, w, m2, tok, x_tok, CONF: tl.constexpr):
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.where(act, s, 1.0)
+    conf = tl.where(act, 0.0, float("-inf"))
+    if CONF == 0:
+        conf = tl.exp(x_tok - m_safe) / s
+    if CONF == 1:
+        conf = (1.0 - tl.exp(m2 - m_safe)) / s
+    if CONF == 2:
+        conf = w / s - tl.log(s)
+    tl.store(p_tok + i_r, tok)
+    tl.store(p_conf + i_r, tl.where(act, conf, float("-inf")))
+
+
+@triton.jit
 def _denoise_fwd_kernel(
-    p_logits, p_active, p_seed, p_temp, p_tok, p_conf,
-    T, V, mask_id, stride_b, stride_t, stride_v,
+    p_logits, p_active, p_seed, p_temp, p_tok, p_conf, p_ws,
+    T, V, mask_id, stride_b, stride_t, stride_v, n_split,
     SAMPLE: tl.constexpr, CONF: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK_V: tl.constexpr,
+    TILES: tl.constexpr, FINAL: tl.constexpr,
 ):
     i_r = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(1)
     i_b = i_r // T
     i_t = i_r % T
     act = tl.load(p_active + i_r) != 0
-    n_blk = tl.where(act, tl.cdiv(V, BLOCK_V), 0)
+    i_lo = i_p * TILES
+    i_hi = tl.where(act, tl.minimum(i_lo + TILES, tl.cdiv(V, BLOCK_V)), i_lo)
     p_row = p_logits + i_b * stride_b + i_t * stride_t
     o_lane = tl.arange(0, BLOCK_V)
 
@@ -65,7 +113,7 @@ def _denoise_fwd_kernel(
     if SAMPLE:
         seed = tl.load(p_seed).to(tl.uint64, bitcast=True)
         temp = tl.load(p_temp)
-    for i_v in range(0, n_blk):
+    for i_v in range(i_lo, i_hi):
         o_v = i_v * BLOCK_V + o_lane
         # the mask token is knocked out after the load so the load stays vectorised
         b_x = tl.load(p_row + o_v * stride_v, mask=o_v < V, other=float("-inf")).to(tl.float32)
@@ -91,31 +139,57 @@ def _denoise_fwd_kernel(
             b_gx = tl.where(b_gup, b_x, b_gx)
             b_gs = tl.maximum(b_gs, b_sc)
 
-    m = tl.max(b_m, 0)
-    i_top = tl.min(tl.where(b_m == m, b_a, V), 0)
-    tok = i_top
-    x_tok = m
-    if SAMPLE:
-        gs = tl.max(b_gs, 0)
-        tok = tl.min(tl.where(b_gs == gs, b_ga, V), 0)
-        x_tok = tl.max(tl.where(b_ga == tok, b_gx, float("-inf")), 0)
-    conf = tl.zeros([], tl.float32)
-    if CONF != 3:
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        b_scale = tl.exp(b_m - m_safe)  # [BV]
-        s = tl.sum(b_s * b_scale, 0)
-        s = tl.where(act, s, 1.0)
-        if CONF == 0:
-            conf = tl.exp(x_tok - m_safe) / s
-        if CONF == 1:
-            # the row's second largest logit: the best lane's runner-up or another lane's max
-            m2 = tl.maximum(tl.max(b_m2, 0), tl.max(tl.where(b_a == i_top, float("-inf"), b_m), 0))
-            conf = (1.0 - tl.exp(m2 - m_safe)) / s
+    m, s, w, m2, i_top, tok, gs, x_tok = _reduce(b_m, b_s, b_w, b_m2, b_a, b_gs, b_ga, b_gx,
+                                                 V, SAMPLE, CONF)
+    if FINAL:
+        _finish(p_tok, p_conf, i_r, act, m, s, w, m2, tok, x_tok, CONF)
+    else:
+        # this split's partial statistics, [fields, rows, splits], all exact in float64
+        stride_f = tl.num_programs(0).to(tl.int64) * n_split
+        p_out = p_ws + i_r * n_split + i_p
+        tl.store(p_out, m.to(tl.float64))
+        tl.store(p_out + stride_f, i_top.to(tl.float64))
+        if CONF != 3:
+            tl.store(p_out + 2 * stride_f, s.to(tl.float64))
         if CONF == 2:
-            b_lane = tl.where(b_s > 0, b_scale * (b_w + b_s * (b_m - m_safe)), 0.0)
-            conf = tl.sum(b_lane, 0) / s - tl.log(s)
-    tl.store(p_tok + i_r, tok)
-    tl.store(p_conf + i_r, tl.where(act, conf, float("-inf")))
+            tl.store(p_out + 3 * stride_f, w.to(tl.float64))
+        if CONF == 1:
+            tl.store(p_out + 4 * stride_f, m2.to(tl.float64))
+        if SAMPLE:
+            tl.store(p_out + 5 * stride_f, gs)
+            tl.store(p_out + 6 * stride_f, tok.to(tl.float64))
+            tl.store(p_out + 7 * stride_f, x_tok.to(tl.float64))
+
+
+@triton.jit
+def _denoise_merge_kernel(
+    p_active, p_ws, p_tok, p_conf, V, n_split,
+    SAMPLE: tl.constexpr, CONF: tl.constexpr, SPLIT: tl.constexpr,
+):
+    i_r = tl.program_id(0).to(tl.int64)
+    act = tl.load(p_active + i_r) != 0
+    o_p = tl.arange(0, SPLIT)
+    m_p = o_p < n_split
+    stride_f = tl.num_programs(0).to(tl.int64) * n_split
+    p_in = p_ws + i_r * n_split + o_p
+    b_m = tl.load(p_in, mask=m_p, other=float("-inf")).to(tl.float32)  # [SPLIT]
+    b_a = tl.load(p_in + stride_f, mask=m_p, other=0.0).to(tl.int32)
+    # fields this variant does not use were not written: stand-ins that _reduce ignores
+    b_s, b_w, b_m2, b_gx, b_ga = b_m, b_m, b_m, b_m, b_a
+    b_gs = b_m.to(tl.float64)
+    if CONF != 3:
+        b_s = tl.load(p_in + 2 * stride_f, mask=m_p, other=0.0).to(tl.float32)
+    if CONF == 2:
+        b_w = tl.load(p_in + 3 * stride_f, mask=m_p, other=0.0).to(tl.float32)
+    if CONF == 1:
+        b_m2 = tl.load(p_in + 4 * stride_f, mask=m_p, other=float("-inf")).to(tl.float32)
+    if SAMPLE:
+        b_gs = tl.load(p_in + 5 * stride_f, mask=m_p, other=float("-inf"))
+        b_ga = tl.load(p_in + 6 * stride_f, mask=m_p, other=0.0).to(tl.int32)
+        b_gx = tl.load(p_in + 7 * stride_f, mask=m_p, other=float("-inf")).to(tl.float32)
+    m, s, w, m2, i_top, tok, gs, x_tok = _reduce(b_m, b_s, b_w, b_m2, b_a, b_gs, b_ga, b_gx,
+                                                 V, SAMPLE, CONF)
+    _finish(p_tok, p_conf, i_r, act, m, s, w, m2, tok, x_tok, CONF)
 
 
 @triton.jit
@@ -150,12 +224,16 @@ def _denoise_select_kernel(
     tl.store(p_committed + i_b * T + o_t, commit.to(tl.int8), mask=m_t)
 
 
-def _block_v(V: int, sample: bool) -> tuple:
-    cap = 2048 if sample else 4096
-    if not _dispatch.on_gpu_hardware():
-        cap = 1024
-    block = min(cap, triton.next_power_of_2(V))
-    return block, (8 if block >= 2048 else 4)
+def _config(V: int, sample: bool) -> tuple:
+    """(BLOCK_V, tiles per program, splits per row, warps). Rows are split over several
+    programs so that a few long rows still fill the GPU; ~16K logits per program."""
+    if _dispatch.on_gpu_hardware():
+        block = min(2048 if sample else 4096, triton.next_power_of_2(V))
+        tiles = max(1, 16384 // block)
+        warps = 8 if block >= 2048 else 4
+    else:
+        block, tiles, warps = min(128, triton.next_power_of_2(V)), 2, 4
+    return block, tiles, triton.cdiv(triton.cdiv(V, block), tiles), warps
 
 
 def token_and_confidence(logits, active, *, mask_id, temperature, confidence, seed):
@@ -169,14 +247,22 @@ def token_and_confidence(logits, active, *, mask_id, temperature, confidence, se
     seed_t = seed if seed is not None else tok
     temp_t = torch.full((1,), float(temperature), dtype=torch.float64, device=dev) if sample \
         else tok
-    block_v, warps = _block_v(V, sample)
+    block_v, tiles, split, warps = _config(V, sample)
+    ws = torch.empty(8, B * T, split, dtype=torch.float64, device=dev) if split > 1 else tok
+    act = active.contiguous().view(torch.uint8)
     gpu = _dispatch.on_gpu_hardware()
-    _denoise_fwd_kernel[(B * T,)](
-        logits, active.contiguous().view(torch.uint8), seed_t, temp_t, tok, conf,
-        T, V, mask_id, logits.stride(0), logits.stride(1), logits.stride(2),
+    _denoise_fwd_kernel[(B * T, split)](
+        logits, act, seed_t, temp_t, tok, conf, ws,
+        T, V, mask_id, logits.stride(0), logits.stride(1), logits.stride(2), split,
         SAMPLE=sample, CONF=_CONF[confidence], LIBDEVICE=gpu and libdevice is not None,
-        BLOCK_V=block_v, num_warps=warps,
+        BLOCK_V=block_v, TILES=tiles, FINAL=split == 1, num_warps=warps,
     )
+    if split > 1:
+        _denoise_merge_kernel[(B * T,)](
+            act, ws, tok, conf, V, split,
+            SAMPLE=sample, CONF=_CONF[confidence], SPLIT=triton.next_power_of_2(split),
+            num_warps=1,
+        )
     if confidence == "random":
         conf = torch.where(active, reference.random_confidence(seed, B, T, dev), float("-inf"))
     return tok, conf
