@@ -76,7 +76,7 @@ def linear_cross_entropy(h, weight, bias, y, coef, focal_gamma, z_loss, need_dh,
     b = None if bias is None else bias.to(ct)
     grads = coef is not None
     loss = torch.empty(n, dtype=ct, device=h.device)
-    dh = torch.empty_like(h) if grads and need_dh else None
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if grads and need_dh else None
     dw = torch.zeros(weight.shape, dtype=ct, device=h.device) if grads and need_dw else None
     db = torch.zeros(V, dtype=ct, device=h.device) if grads and need_db else None
     step = rows_per_chunk or chunk_rows(n, V)

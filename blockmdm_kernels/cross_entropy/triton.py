@@ -97,13 +97,13 @@ def _chunk_rows(n_rows, vocab, elements):
 _FP32_OUT_MM = {}
 
 
-def _fp32_out_addmm_works(device) -> bool:
+def _fp32_out_addmm_works(device, dtype) -> bool:
     """Whether addmm accumulates half-precision products straight into an fp32 ``out`` here
-    (torch >= 2.8 on CUDA); checked once per device on a tiny product."""
-    key = str(device)
+    (torch >= 2.8 on CUDA); checked once per device and dtype on a tiny product."""
+    key = (str(device), dtype)
     if key not in _FP32_OUT_MM:
-        a = torch.arange(6, dtype=torch.float16, device=device).reshape(3, 2) / 4
-        b = torch.arange(8, dtype=torch.float16, device=device).reshape(2, 4) / 8
+        a = torch.arange(6, dtype=dtype, device=device).reshape(3, 2) / 4
+        b = torch.arange(8, dtype=dtype, device=device).reshape(2, 4) / 8
         acc = torch.ones(3, 4, dtype=torch.float32, device=device)
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
@@ -118,7 +118,7 @@ def _accumulate_mm(acc, a, b):
     addmm can write fp32 directly)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif _fp32_out_addmm_works(acc.device):
+    elif _fp32_out_addmm_works(acc.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc += (a @ b).to(acc.dtype)
@@ -140,7 +140,7 @@ def linear_cross_entropy(h, weight, bias, y, coef, focal_gamma, z_loss, need_dh,
     n, V = h.shape[0], weight.shape[0]
     grads = coef is not None
     loss = torch.empty(n, dtype=torch.float32, device=h.device)
-    dh = torch.empty_like(h) if grads and need_dh else None
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if grads and need_dh else None
     dw = (torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
           if grads and need_dw else None)
     db = torch.zeros(V, dtype=torch.float32, device=h.device) if grads and need_db else None

@@ -47,8 +47,18 @@ def _leaves(*xs, dtype=None):
     return [None if x is None else x.detach().to(dtype or x.dtype).requires_grad_() for x in xs]
 
 
+def _device(backend):
+    """Triton runs on the GPU where there is one, under the interpreter on CPU tensors here."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def _to(device, *xs):
+    return [None if x is None else x.to(device) for x in xs]
+
+
 def _check_linear(backend, monkeypatch, h, W, b, y, w, dtype, factor=1.0, **kw):
     monkeypatch.setenv("BLOCKMDM_BACKEND", backend)
+    h, W, b, y, w = _to(_device(backend), h, W, b, y, w)
     hf, Wf, bf = _leaves(h, W, b)
     out = bk.linear_masked_cross_entropy(hf, Wf, y, w, bias=bf, **kw)
     hr, Wr, br = _leaves(h, W, b, dtype=torch.float64)
@@ -71,6 +81,7 @@ def _check_linear(backend, monkeypatch, h, W, b, y, w, dtype, factor=1.0, **kw):
 
 def _check_logits(backend, monkeypatch, logits, y, w, dtype, **kw):
     monkeypatch.setenv("BLOCKMDM_BACKEND", backend)
+    logits, y, w = _to(_device(backend), logits, y, w)
     (x,) = _leaves(logits)
     out = bk.masked_cross_entropy(x, y, w, **kw)
     (xr,) = _leaves(logits, dtype=torch.float64)
@@ -126,6 +137,7 @@ def test_linear_masked_cross_entropy_only_weight_grad(backend, monkeypatch):
     monkeypatch.setenv("BLOCKMDM_BACKEND", backend)
     h, W, _ = _linear_inputs((11,), 8, 123, torch.float32, bias=False)
     y, w = _targets((11,), 123, "mixed")
+    h, W, y, w = _to(_device(backend), h, W, y, w)
     Wf, Wr = W.clone().requires_grad_(), W.double().requires_grad_()
     bk.linear_masked_cross_entropy(h, Wf, y, w).backward()
     reference.linear_masked_cross_entropy(h.double(), Wr, y, w.double()).backward()
@@ -176,13 +188,22 @@ def test_masked_cross_entropy_odd_vocab_and_selections(backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nothing_selected_gives_zero_loss_and_grads(backend, monkeypatch):
     monkeypatch.setenv("BLOCKMDM_BACKEND", backend)
-    h, W, b = _leaves(*_linear_inputs((2, 6), 16, 123, torch.float32))
-    y = torch.full((2, 6), -100)
+    h, W, b = _leaves(*_to(_device(backend), *_linear_inputs((2, 6), 16, 123, torch.float32)))
+    y = torch.full((2, 6), -100, device=h.device)
     loss = bk.linear_masked_cross_entropy(h, W, y, bias=b)
     loss.backward()
     assert loss.item() == 0.0
     for x in (h, W, b):
         assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_second_backward_is_refused():
+    h, W, b = _leaves(*_linear_inputs((4,), 8, 20, torch.float32))
+    y, w = _targets((4,), 20, "all")
+    loss = bk.linear_masked_cross_entropy(h, W, y, w, bias=b)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
 
 
 def test_mean_equals_sum_over_selected_count(monkeypatch):
