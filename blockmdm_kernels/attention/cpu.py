@@ -20,6 +20,7 @@ from blockmdm_kernels.masks import EMPTY, FULL, MaskSpec
 
 Q_TILE = 64
 K_TILE = 64
+MASKED_ROWS = 256  # most query rows merged into one masked call
 
 _fwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -47,8 +48,9 @@ def _plan(spec: MaskSpec, Tq: int, Tk: int):
             else:
                 segments.append((k0, k1, partial))
         q0, q1 = i_m * Q_TILE, min((i_m + 1) * Q_TILE, Tq)
-        if plan and plan[-1][2] == segments and not any(p for _, _, p in segments):
-            # Same unmasked keys as the tile above (full, prefix-only rows): one larger call.
+        masked = any(p for _, _, p in segments)
+        if plan and plan[-1][2] == segments and (not masked or q1 - plan[-1][0] <= MASKED_ROWS):
+            # Same segments as the tile above (full, scatter, prompt rows): one larger call.
             q0 = plan.pop()[0]
         plan.append((q0, q1, segments))
     return plan
@@ -75,6 +77,11 @@ def _heads(x, G):
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the saved logsumexp (what the CPU flash kernel returns)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _group_sum(x, G, dtype):
+    """[B, H, K, D] -> [B, Hkv, K, D], summing each GQA group (as is when G == 1)."""
+    return x if G == 1 else x.unflatten(1, (-1, G)).sum(2, dtype=dtype)
 
 
 def forward(q, k, v, spec: MaskSpec, scale: float):
@@ -129,21 +136,20 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
     G = H // Hkv
     acc = lse_dtype(q.dtype)
     dq = torch.zeros_like(q)
-    dk = torch.zeros(B, Tk, Hkv, D, dtype=acc)
-    dv = torch.zeros(B, Tk, Hkv, D, dtype=acc)
+    dk = torch.zeros(B, Hkv, Tk, D, dtype=acc)  # the kernel's layout: contiguous adds
+    dv = torch.zeros(B, Hkv, Tk, D, dtype=acc)
     for q0, q1, segments in _plan(spec, Tq, Tk):
         if not segments:
             continue
         q_t, do_t, o_t = (x[:, q0:q1].transpose(1, 2) for x in (q, do, o))
         lse_t = lse[:, :, q0:q1].contiguous()
-        dq_acc = 0
+        dq_acc = None
         for k0, k1, partial in segments:
             mask = _segment_mask(spec, q0, q1, k0, k1, Tk, q.dtype)[0] if partial else None
             dq_s, dk_s, dv_s = _bwd_op(do_t, q_t, _heads(k[:, k0:k1], G), _heads(v[:, k0:k1], G),
                                        o_t, lse_t, 0.0, False, attn_mask=mask, scale=scale)
-            dq_acc = dq_acc + dq_s.to(acc)
-            # [B, H, K, D] -> [B, K, Hkv, D], summing each GQA group.
-            dk[:, k0:k1] += dk_s.transpose(1, 2).unflatten(2, (Hkv, G)).sum(3, dtype=acc)
-            dv[:, k0:k1] += dv_s.transpose(1, 2).unflatten(2, (Hkv, G)).sum(3, dtype=acc)
+            dq_acc = dq_s.to(acc) if dq_acc is None else dq_acc.add_(dq_s)
+            dk[:, :, k0:k1] += _group_sum(dk_s, G, acc)
+            dv[:, :, k0:k1] += _group_sum(dv_s, G, acc)
         dq[:, q0:q1] = dq_acc.transpose(1, 2).to(q.dtype)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)

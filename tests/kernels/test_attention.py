@@ -44,13 +44,16 @@ SMALL = ["causal_gqa", "block_causal_b3_prefix", "scatter_b16_prefix_mqa", "jigs
          "bd3_b64_prefix_blind"]
 
 
-def _run_case(case, dtype, monkeypatch):
+# The Triton path runs on the GPU when there is one, else under the interpreter on CPU tensors.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run_case(case, dtype, monkeypatch, device="cpu"):
     _, make, B, Tq, Tk, H, Hkv, D = case
     spec = make()
-    q = torch.randn(B, Tq, H, D, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, Tk, Hkv, D, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, Tk, Hkv, D, dtype=dtype, requires_grad=True)
-    do = torch.randn(B, Tq, H, D, dtype=dtype)
+    q, k, v = (torch.randn(B, T, h, D, dtype=dtype, device=device, requires_grad=True)
+               for T, h in ((Tq, H), (Tk, Hkv), (Tk, Hkv)))
+    do = torch.randn(B, Tq, H, D, dtype=dtype, device=device)
 
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref = reference.block_attention(*ref_in, spec, D ** -0.5)
@@ -75,23 +78,19 @@ def _run_case(case, dtype, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_block_attention_triton_fp32(case, monkeypatch):
     monkeypatch.setenv("BLOCKMDM_BACKEND", "triton")
-    _run_case(case, torch.float32, monkeypatch)
+    _run_case(case, torch.float32, monkeypatch, TRITON_DEVICE)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in SMALL], ids=SMALL)
 def test_block_attention_triton_fp16(case, monkeypatch):
     monkeypatch.setenv("BLOCKMDM_BACKEND", "triton")
-    _run_case(case, torch.float16, monkeypatch)
+    _run_case(case, torch.float16, monkeypatch, TRITON_DEVICE)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_block_attention_triton_bf16_cuda(case, monkeypatch):
-    torch.set_default_device("cuda")
-    try:
-        _run_case(case, torch.bfloat16, monkeypatch)
-    finally:
-        torch.set_default_device(None)
+    _run_case(case, torch.bfloat16, monkeypatch, "cuda")
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
