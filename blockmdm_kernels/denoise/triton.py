@@ -3,7 +3,9 @@
 The row kernel keeps the online statistics per lane of a [BLOCK_V] tile (running max, sum-exp
 relative to it, first argmax, second largest, entropy accumulator, Gumbel-max winner) so the
 loop over V does one exp per element and no cross-lane reduction; the lanes are merged once at
-the end. Inactive rows read no logits. Nothing syncs with the host.
+the end. A long row is split over several programs (~16K logits each) whose partial statistics a
+small merge kernel combines, so that a few rows still fill the GPU. Inactive rows read no logits.
+Nothing syncs with the host.
 """
 
 import torch
@@ -113,10 +115,16 @@ def _denoise_fwd_kernel(
     if SAMPLE:
         seed = tl.load(p_seed).to(tl.uint64, bitcast=True)
         temp = tl.load(p_temp)
+    n_hi = tl.minimum(V, i_hi * BLOCK_V)  # this program reads logits [i_lo * BLOCK_V, n_hi)
+    o_v = i_lo * BLOCK_V + o_lane
+    b_next = tl.load(p_row + o_v * stride_v, mask=o_v < n_hi, other=float("-inf"))
     for i_v in range(i_lo, i_hi):
         o_v = i_v * BLOCK_V + o_lane
+        b_x = b_next.to(tl.float32)
+        # the next tile's load is issued before this tile's math so that the two overlap
+        o_n = o_v + BLOCK_V
+        b_next = tl.load(p_row + o_n * stride_v, mask=o_n < n_hi, other=float("-inf"))
         # the mask token is knocked out after the load so the load stays vectorised
-        b_x = tl.load(p_row + o_v * stride_v, mask=o_v < V, other=float("-inf")).to(tl.float32)
         m_v = (o_v < V) & (o_v != mask_id)
         b_x = tl.where(m_v, b_x, float("-inf"))
         b_up = b_x > b_m  # [BV] a new lane max; strict, so a lane keeps its first argmax
