@@ -88,7 +88,7 @@ def _with_backward(fn, inputs, do):
     return step
 
 
-def run(device: str, quick: bool, flex: bool = True) -> list:
+def run(device: str, quick: bool, flex: bool = True, only=None) -> list:
     cfg = CONFIGS["quick" if quick else device]
     B, H, D, T, dtype = cfg["B"], cfg["H"], cfg["D"], cfg["T"], cfg["dtype"]
     # Each family's mask_mod is a new function: FlexAttention recompiles once per family.
@@ -97,6 +97,8 @@ def run(device: str, quick: bool, flex: bool = True) -> list:
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     rows = []
     for name, spec in families(B, T, cfg["block"], device):
+        if only and not any(name.startswith(f) for f in only):
+            continue
         pairs = visible_pairs(spec, B, T, device)
         flops = 4 * B * H * D * pairs
         q, k, v, do = (torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(4))
@@ -138,9 +140,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small shapes for a dry run")
     parser.add_argument("--out", default=None, help="report folder (default results/<device>/)")
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention column")
+    parser.add_argument("--families", default="",
+                        help="comma-separated family names to run (default: all)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = CONFIGS["quick" if args.quick else args.device]
-    rows = run(args.device, args.quick, flex=not args.no_flex)
+    only = [f.strip() for f in args.families.split(",") if f.strip()]
+    rows = run(args.device, args.quick, flex=not args.no_flex, only=only)
     notes = (
         f"B={cfg['B']}, H={cfg['H']}, D={cfg['D']}, T={cfg['T']} (bd3: [x_t | x_0], "
         f"2x{cfg['T'] // 2}), {str(cfg['dtype']).replace('torch.', '')}, no GQA. "

@@ -131,6 +131,11 @@ def _lse_dtype(q: torch.Tensor, backend: str) -> torch.dtype:
     return cpu.lse_dtype(q.dtype) if backend == "cpu" else torch.float32
 
 
+def _new(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor like x: every op output is contiguous."""
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -150,7 +155,7 @@ def _attention_fwd(
 def _(q, k, v, kind, block_size, prefix, q_offset, seq_len, masked_blocks, kv_lens, scale,
       backend):
     B, Tq, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, Tq), dtype=_lse_dtype(q, backend))
+    return _new(q), torch.empty((B, H, Tq), device=q.device, dtype=_lse_dtype(q, backend))
 
 
 @torch.library.custom_op("blockmdm::block_attention_bwd", mutates_args=())
@@ -168,7 +173,7 @@ def _attention_bwd(
 @_attention_bwd.register_fake
 def _(do, q, k, v, o, lse, kind, block_size, prefix, q_offset, seq_len, masked_blocks, kv_lens,
       scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _new(q), _new(k), _new(v)
 
 
 def _setup_context(ctx, inputs, output):

@@ -5,7 +5,8 @@ non-empty for any batch row, grouped into segments of adjacent tiles that are al
 partial. Each segment is one call of torch's fused CPU flash-attention kernel on a view of K and
 V (an additive mask, the size of the segment, only for partial ones); the segments of a row are
 merged by their logsumexps. The backward replays the segments through the matching CPU flash
-backward kernel with the whole row's o and lse, adding dK/dV into fp32 accumulators.
+backward kernel with the whole row's o and lse, adding dK/dV into fp32 accumulators. Outputs
+are contiguous whatever the inputs' strides (the custom op's fake kernel promises that).
 
 A row that sees nothing in a segment is run unmasked there (the kernel never sees an all -inf
 row) and dropped from the merge; a row that sees no key at all gets output 0 and lse = +inf, so
@@ -92,7 +93,7 @@ def forward(q, k, v, spec: MaskSpec, scale: float):
     B, Tq, H, D = q.shape
     Tk, G = k.shape[1], H // k.shape[2]
     acc = lse_dtype(q.dtype)
-    o = torch.zeros_like(q)
+    o = torch.zeros(q.shape, dtype=q.dtype)
     lse = torch.full((B, H, Tq), float("inf"), dtype=acc)
     for q0, q1, segments in _plan(spec, Tq, Tk):
         if not segments:
@@ -135,7 +136,7 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
     Tk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
     acc = lse_dtype(q.dtype)
-    dq = torch.zeros_like(q)
+    dq = torch.zeros(q.shape, dtype=q.dtype)
     dk = torch.zeros(B, Hkv, Tk, D, dtype=acc)  # the kernel's layout: contiguous adds
     dv = torch.zeros(B, Hkv, Tk, D, dtype=acc)
     for q0, q1, segments in _plan(spec, Tq, Tk):
@@ -152,4 +153,9 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
             dk[:, :, k0:k1] += _group_sum(dk_s, G, acc)
             dv[:, :, k0:k1] += _group_sum(dv_s, G, acc)
         dq[:, q0:q1] = dq_acc.transpose(1, 2).to(q.dtype)
-    return dq, dk.transpose(1, 2).to(k.dtype), dv.transpose(1, 2).to(v.dtype)
+    return dq, _to_bkhd(dk, k.dtype), _to_bkhd(dv, v.dtype)
+
+
+def _to_bkhd(x, dtype):
+    """[B, Hkv, Tk, D] accumulator -> contiguous [B, Tk, Hkv, D] in ``dtype``."""
+    return x.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)

@@ -345,7 +345,7 @@ def forward(q, k, v, spec: MaskSpec, scale: float):
     Tk, Hkv = k.shape[1], k.shape[2]
     (bm, bn), _ = tile_sizes(q)
     tm, batched, n_qt, n_kt = _tiles(spec, Tq, Tk, bm, bn, q.device)
-    o = torch.empty_like(q)
+    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     fwd, _, _ = _kernels(_dispatch.on_gpu_hardware())
     extra = {} if _dispatch.on_gpu_hardware() else dict(num_warps=4)
@@ -374,7 +374,7 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
         do.stride(2), Tq, H, BLOCK_M=64, D=D,
     )
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
     _, dkdv, dqk = _kernels(_dispatch.on_gpu_hardware())
     extra = {} if _dispatch.on_gpu_hardware() else dict(num_warps=4)
     common = dict(

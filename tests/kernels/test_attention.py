@@ -201,3 +201,16 @@ def test_block_attention_torch_compile_fullgraph():
     model.zero_grad()
     model(x).backward()
     assert_close_rel(grad, model.proj.weight.grad, torch.float32, "compiled grad", factor=10)
+
+
+def test_block_attention_custom_ops_opcheck():
+    from blockmdm_kernels import attention
+
+    q = torch.randn(1, 20, 2, 16, requires_grad=True)
+    k, v = (torch.randn(1, 20, 1, 16, requires_grad=True) for _ in range(2))
+    mb = torch.tensor([[True, False, True, False, True, False, True]])
+    params = (masks.KINDS.index("jigsaw"), 3, 1, 0, 0, mb, torch.tensor([17]), 0.25, "cpu")
+    torch.library.opcheck(attention._attention_fwd, (q, k, v, *params))
+    o, lse = attention._attention_fwd(q, k, v, *params)
+    grads_in = [x.detach() for x in (torch.randn_like(o), q, k, v, o, lse)]
+    torch.library.opcheck(attention._attention_bwd, (*grads_in, *params))
