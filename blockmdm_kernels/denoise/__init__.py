@@ -2,6 +2,7 @@
 
 import math
 import numbers
+from typing import Optional
 
 import torch
 
@@ -64,14 +65,26 @@ def denoise_step(logits, tokens, active, *, mask_id, k=None, threshold=None, tem
         gen_device = generator.device if generator is not None else logits.device
         seed = torch.randint(-(2**63), 2**63 - 1, (1,), generator=generator, device=gen_device,
                              dtype=torch.int64).to(logits.device)
-    args = dict(mask_id=int(mask_id), temperature=float(temperature), confidence=confidence,
-                seed=seed)
-    which = _dispatch.backend(logits)
-    if which == "triton":
+    k_rows = k if isinstance(k, torch.Tensor) else None
+    k_int = 0 if k is None or k_rows is not None else min(int(k), T)  # int64 in the schema
+    threshold = None if threshold is None else float(threshold)
+    return _denoise_op(logits, tokens, active, k_rows, k_int, threshold, int(mask_id),
+                       float(temperature), confidence, seed, _dispatch.backend(logits))
+
+
+@torch.library.custom_op("blockmdm::denoise_step", mutates_args=())
+def _denoise_op(
+    logits: torch.Tensor, tokens: torch.Tensor, active: torch.Tensor,
+    k_rows: Optional[torch.Tensor], k: int, threshold: Optional[float], mask_id: int,
+    temperature: float, confidence: str, seed: Optional[torch.Tensor], backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = k_rows if k_rows is not None else (None if threshold is not None else k)
+    args = dict(mask_id=mask_id, temperature=temperature, confidence=confidence, seed=seed)
+    if backend == "triton":
         from blockmdm_kernels.denoise import triton as triton_impl
 
         return triton_impl.denoise_step(logits, tokens, active, k=k, threshold=threshold, **args)
-    if which == "cpu":
+    if backend == "cpu":
         from blockmdm_kernels.denoise import cpu
 
         tok, conf = cpu.token_and_confidence(logits, active, **args)
@@ -79,6 +92,15 @@ def denoise_step(logits, tokens, active, *, mask_id, k=None, threshold=None, tem
         tok, conf = reference.token_and_confidence(logits, active, **args)
     committed = reference.select(conf, active, k, threshold)
     return torch.where(committed, tok.to(tokens.dtype), tokens), committed, conf
+
+
+@_denoise_op.register_fake
+def _(logits, tokens, active, k_rows, k, threshold, mask_id, temperature, confidence, seed,
+      backend):
+    B, T = tokens.shape
+    return (torch.empty((B, T), dtype=tokens.dtype, device=tokens.device),
+            torch.empty((B, T), dtype=torch.bool, device=tokens.device),
+            torch.empty((B, T), dtype=torch.float32, device=tokens.device))
 
 
 def _check(logits, tokens, active, mask_id, k, threshold, temperature, confidence, generator):

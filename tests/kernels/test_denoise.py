@@ -312,3 +312,20 @@ def test_denoise_step_default_backend(device):
     ref = reference.denoise_step(logits, tokens, active, mask_id=mask_id, k=2, threshold=None,
                                  temperature=0.0, confidence="prob", seed=None)
     assert torch.equal(new, ref[0]) and torch.equal(committed, ref[1])
+
+
+def test_denoise_step_torch_compile():
+    logits, tokens, active, mask_id = problem(2, 8, 40)
+
+    def fn(logits, tokens, active):
+        return bk.denoise_step(logits, tokens, active, mask_id=mask_id, k=2, confidence="margin")
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    for out, ref in zip(compiled(logits, tokens, active), fn(logits, tokens, active)):
+        assert torch.equal(out, ref)
+
+
+def test_denoise_step_huge_k():
+    logits, tokens, active, mask_id = problem(2, 8, 40)
+    _, committed, _ = bk.denoise_step(logits, tokens, active, mask_id=mask_id, k=10**30)
+    assert torch.equal(committed, active)
