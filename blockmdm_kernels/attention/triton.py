@@ -30,13 +30,12 @@ def _block_of(p, P, BS):
 
 
 @triton.jit
-def _visible(KIND: tl.constexpr, o_q, o_k, P, BS, HALF, p_mb, n_mb):
-    """Mirror of ``MaskSpec.visible`` (without kv_lens) for absolute positions o_q [BM], o_k [BN].
+def _visible(KIND: tl.constexpr, q, kv, P, BS, HALF, p_mb, n_mb):
+    """Mirror of ``MaskSpec.visible`` (without kv_lens) for absolute query positions q and key
+    positions kv that broadcast together ([BM, 1] and [1, BN], or transposed).
 
     ``p_mb`` points at this batch row of masked_blocks (uint8, ``n_mb`` blocks; jigsaw only).
     """
-    q = o_q[:, None]  # [BM, 1]
-    kv = o_k[None, :]  # [1, BN]
     if KIND == 0:
         vis = (q >= 0) & (kv >= 0)
     elif KIND == 1:
@@ -48,7 +47,7 @@ def _visible(KIND: tl.constexpr, o_q, o_k, P, BS, HALF, p_mb, n_mb):
         same_or_earlier = (kv - P) % BS <= (q - P) % BS
         vis = (kv < P) | ((q >= P) & (kv >= P) & same_or_earlier)
     elif KIND == 4:
-        kb = _block_of(kv, P, BS)  # [1, BN]
+        kb = _block_of(kv, P, BS)
         m_in = (kb >= 0) & (kb < n_mb)
         b_mb = tl.load(p_mb + tl.where(m_in, kb, 0), mask=m_in, other=0)
         key_masked = (kb >= 0) & (b_mb != 0)
@@ -69,19 +68,27 @@ def _visible(KIND: tl.constexpr, o_q, o_k, P, BS, HALF, p_mb, n_mb):
 @triton.jit
 def _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
                 KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """-inf where query tile i_m may not see key tile i_n (b_s [BM, BN])."""
+                BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """-inf where query tile i_m may not see key tile i_n; b_s is [BM, BN] ([BN, BM] with
+    KEYS_FIRST)."""
     o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_k = o_k < Tk
+    if KEYS_FIRST:
+        kv = o_k[:, None]  # [BN, 1]
+    else:
+        kv = o_k[None, :]  # [1, BN]
     if state == _PARTIAL:
         o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M) + Q_OFFSET
-        m_vis = _visible(KIND, o_q, o_k, P, BS, HALF, p_mb, n_mb) & m_k[None, :]
+        if KEYS_FIRST:
+            q = o_q[None, :]  # [1, BM]
+        else:
+            q = o_q[:, None]  # [BM, 1]
+        m_vis = _visible(KIND, q, kv, P, BS, HALF, p_mb, n_mb) & (kv < Tk)
         if HAS_KVLENS:
-            m_vis = m_vis & (o_k < kv_len)[None, :]
+            m_vis = m_vis & (kv < kv_len)
         b_s = tl.where(m_vis, b_s, float("-inf"))
     elif (i_n + 1) * BLOCK_N > Tk:
         # A FULL tile only promises every in-range element; the ragged last tile still needs bounds.
-        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_s = tl.where(kv < Tk, b_s, float("-inf"))
     return b_s
 
 
@@ -130,7 +137,7 @@ def _attn_fwd_kernel(
         b_v = tl.load(p_v0 + o_k[:, None] * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
         b_s = _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
-                          kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N)
+                          kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, False)
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         # A row with nothing visible so far keeps m = -inf; shift by 0 to avoid (-inf) - (-inf).
         b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -210,19 +217,21 @@ def _attn_bwd_dkdv_kernel(
             state = tl.load(p_state + i_m.to(tl.int64) * n_kt)
             o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
             m_q = o_q < Tq
-            b_q = tl.load(p_q0 + o_q[:, None] * s_qt + o_d[None, :], mask=m_q[:, None], other=0.0)
+            # Keys-first layout: dK and dV come out of dots without transposing P or dS.
+            b_qt = tl.load(p_q0 + o_q[None, :] * s_qt + o_d[:, None], mask=m_q[None, :],
+                           other=0.0)  # [D, BM]
             b_do = tl.load(p_do0 + o_q[:, None] * s_dt + o_d[None, :], mask=m_q[:, None],
                            other=0.0)  # [BM, D]
             b_lse = tl.load(LSE + p_row + o_q, mask=m_q, other=float("inf"))  # [BM]
             b_delta = tl.load(DELTA + p_row + o_q, mask=m_q, other=0.0)  # [BM]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
-            b_s = _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb,
-                              n_mb, kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N)
-            b_p = tl.math.exp2(b_s - b_lse[:, None])  # [BM, BN]
-            b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION)
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)
+            b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BN, BM]
+            b_st = _apply_mask(b_st, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
+                               kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, True)
+            b_pt = tl.math.exp2(b_st - b_lse[None, :])  # [BN, BM]
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION)
 
     p_dk = DK + i_b64 * s_dkb + i_hk.to(tl.int64) * s_dkh + o_k[:, None] * s_dkt + o_d[None, :]
     p_dv = DV + i_b64 * s_dvb + i_hk.to(tl.int64) * s_dvh + o_k[:, None] * s_dvt + o_d[None, :]
@@ -279,7 +288,7 @@ def _attn_bwd_dq_kernel(
         b_v = tl.load(p_v0 + o_k[:, None] * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
         b_s = _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
-                          kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N)
+                          kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, False)
         b_p = tl.math.exp2(b_s - b_lse[:, None])  # [BM, BN]
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
         b_ds = b_p * (b_dp - b_delta[:, None])
