@@ -34,6 +34,11 @@ def denoise_step(logits, tokens, active, *, mask_id, k=None, threshold=None, tem
     probabilities of the row; ``"entropy"``: ``sum_v p_v log p_v`` (negative entropy, higher is
     more confident); ``"random"``: a uniform in [0, 1] from a second stream of the same seed.
 
+    Backends: the reference computes in float64 (confidence rounded to float32), the CPU and
+    Triton paths in float32 with float64 Gumbel scores. Tokens agree exactly across backends for
+    the same generator state; commits agree except where two positions' confidences lie within
+    float32 rounding of each other.
+
     Selection per row: positions are ranked by confidence, ties to the lowest position. With
     ``k``: the ``k`` (or ``k[b]``) highest ranked active positions are committed, all of them when
     the row has fewer. With ``threshold``: every active position with ``conf >= threshold``

@@ -186,6 +186,28 @@ def test_denoise_step_ties(backend, confidence, monkeypatch):
     assert committed[0].nonzero().squeeze(1).tolist() == [3]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_denoise_step_triton_gpu_tiling(temperature, monkeypatch):
+    """The tile sizes the GPU uses (4096-wide tiles, 4 per program, rows split and merged)."""
+    from blockmdm_kernels.denoise import triton as triton_impl
+
+    def gpu_config(V, sample):
+        block = 2048 if sample else 4096
+        tiles = 16384 // block
+        n_tiles = (V + block - 1) // block
+        return block, tiles, (n_tiles + tiles - 1) // tiles, 8
+
+    monkeypatch.setattr(triton_impl, "_config", gpu_config)
+    logits, tokens, active, mask_id = problem(1, 4, 40000, mask_id=20000, frac=0.75)
+    logits[0, :, 39999] = logits.amax(-1) + 0.5  # the winner sits in the last, partial tile
+    for confidence in CONFIDENCES:
+        kw = dict(mask_id=mask_id, k=2, temperature=temperature, confidence=confidence)
+        ref = step("reference", monkeypatch, logits, tokens, active, generator=gen(), **kw)
+        out = step("triton", monkeypatch, logits, tokens, active, generator=gen(), **kw)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+        assert_close_rel(out[2][active], ref[2][active], torch.float32, confidence)
+
+
 def test_denoise_step_selection_kernel_ties(monkeypatch):
     from blockmdm_kernels.denoise import triton as triton_impl
 
