@@ -97,23 +97,26 @@ def _spec(kind: int, block_size: int, prefix: int, q_offset: int, seq_len: int,
           masked_blocks: Optional[torch.Tensor], kv_lens: Optional[torch.Tensor],
           device: torch.device) -> MaskSpec:
     """The spec the op arguments describe, on ``device``; reused (with its tile maps) while the
-    same arguments come back."""
-    key = [kind, block_size, prefix, q_offset, seq_len, str(device)]
-    for t in (masked_blocks, kv_lens):
-        key.append(None if t is None else (tuple(t.shape), t.dtype,
-                                           t.detach().cpu().numpy().tobytes()))
-    key = tuple(key)
-    spec = _SPEC_CACHE.get(key)
-    if spec is not None:
+    same arguments come back.
+
+    Mask tensors are keyed by identity and version counter (no device sync): an in-place change
+    bumps the version, and a cached spec keeps its tensors alive, so an id cannot be reused by
+    another tensor while its entry exists.
+    """
+    tensors = (masked_blocks, kv_lens)
+    key = (kind, block_size, prefix, q_offset, seq_len, str(device)) + tuple(
+        None if t is None else (id(t), t._version) for t in tensors)
+    hit = _SPEC_CACHE.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[1], tensors)):
         _SPEC_CACHE.move_to_end(key)
-        return spec
+        return hit[0]
     spec = MaskSpec(
         KINDS[kind], block_size, prefix,
         masked_blocks=None if masked_blocks is None else masked_blocks.to(device),
         kv_lens=None if kv_lens is None else kv_lens.to(device),
         q_offset=q_offset, seq_len=seq_len or None,
     )
-    _SPEC_CACHE[key] = spec
+    _SPEC_CACHE[key] = (spec, tensors)
     if len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
         _SPEC_CACHE.popitem(last=False)
     return spec

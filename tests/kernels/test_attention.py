@@ -214,3 +214,19 @@ def test_block_attention_custom_ops_opcheck():
     o, lse = attention._attention_fwd(q, k, v, *params)
     grads_in = [x.detach() for x in (torch.randn_like(o), q, k, v, o, lse)]
     torch.library.opcheck(attention._attention_bwd, (*grads_in, *params))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_block_attention_mask_changed_in_place(backend, monkeypatch):
+    # Cached tile maps must follow masked_blocks / kv_lens edited in place between calls.
+    monkeypatch.setenv("BLOCKMDM_BACKEND", backend)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    mb = torch.zeros(1, 10, dtype=torch.bool, device=device)
+    kv_lens = torch.tensor([37], device=device)
+    spec = masks.jigsaw(4, mb, kv_lens=kv_lens)
+    q, k, v = (torch.randn(1, 37, 2, 16, device=device) for _ in range(3))
+    bk.block_attention(q, k, v, spec)
+    mb[0, 3:7] = True
+    kv_lens[0] = 30
+    ref = reference.block_attention(q.double(), k.double(), v.double(), spec, 0.25)
+    assert_close_rel(bk.block_attention(q, k, v, spec), ref, torch.float32)
