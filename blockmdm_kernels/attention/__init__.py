@@ -42,8 +42,10 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
     Tk = k.shape[1]
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise TypeError(f"scale must be a positive float or None, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    elif not (0 < scale < math.inf):
+        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     if backend == "reference" or q.numel() == 0 or Tk == 0:
         return reference.block_attention(q, k, v, mask, float(scale))
     o, _ = _attention_fwd(

@@ -173,8 +173,10 @@ def test_block_attention_bad_input(name, args, exc, match):
 
 def test_block_attention_bad_scale_and_backend(monkeypatch):
     q, k, v = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16)
-    with pytest.raises(TypeError, match="scale"):
+    with pytest.raises(ValueError, match="scale"):
         bk.block_attention(q, k, v, masks.full(), scale=-1.0)
+    with pytest.raises(TypeError, match="scale"):
+        bk.block_attention(q, k, v, masks.full(), scale="0.5")
     monkeypatch.setenv("BLOCKMDM_BACKEND", "triton")
     with pytest.raises(TypeError, match="dtype"):
         bk.block_attention(q.double(), k.double(), v.double(), masks.full())
