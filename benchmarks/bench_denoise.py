@@ -2,7 +2,7 @@
 full [B, T, V] logits in float64, argmax (or float64 Gumbel noise when sampling) and gather for
 token and confidence, where(active, conf, -inf), topk per row, scatter into the tokens.
 
-    python benchmarks/bench_denoise.py [--device cpu|cuda] [--quick] [--out DIR]
+    python benchmarks/bench_denoise.py [--device cpu|cuda] [--quick] [--out DIR] [--threads N]
 
 Active positions: a random half of each row's T positions (for B x T = 64 x 32 that is one block
 of 32 per row with 16 still masked; for 1 x 1024 one response of 1024 with 512 masked); k = 4
@@ -121,7 +121,12 @@ def main(argv=None):
                         choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 avoids stalls on a machine shared with "
+                             "other jobs)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows, hbm = run(args.device, args.quick)
     notes = (
         "Step = `bk.denoise_step` (k = 4, confidence \"prob\"); plain = softmax over all "
@@ -134,7 +139,8 @@ def main(argv=None):
         notes += f"\n\nMeasured copy bandwidth (clone of 2 GiB, read + write): {hbm:.0f} GB/s."
     if args.device == "cpu" and not args.quick:
         notes += ("\n\nCPU shapes: V = 128256 runs at B x T = 8x32 and 1x256 (not 64x32 and "
-                  "1x1024) to keep the run within minutes and memory; logits are float32.")
+                  "1x1024) to keep the run within minutes and memory; logits are float32; "
+                  f"{torch.get_num_threads()} torch thread(s).")
     write_report("denoise", "Denoise step: bk.denoise_step vs the plain-torch step", rows,
                  args.device, notes, args.out)
 

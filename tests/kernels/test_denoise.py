@@ -12,6 +12,12 @@ FAST = ["cpu", "triton"]
 ALL = ["reference", *FAST]
 CONFIDENCES = ["prob", "margin", "entropy", "random"]
 SHAPES = [(2, 1, 123), (3, 63, 123), (2, 5, 1000)]
+# Triton runs on the GPU where there is one, else under the interpreter on CPU tensors.
+GPU = torch.cuda.is_available()
+
+
+def on(backend):
+    return "cuda" if backend == "triton" and GPU else "cpu"
 
 
 def step(backend, monkeypatch, logits, tokens, active, **kw):
@@ -40,7 +46,7 @@ def gen(seed=1234):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_denoise_step_matches_reference(backend, confidence, shape, dtype, monkeypatch):
-    logits, tokens, active, mask_id = problem(*shape, dtype=dtype, mask_id=7)
+    logits, tokens, active, mask_id = problem(*shape, dtype=dtype, mask_id=7, device=on(backend))
     before = tokens.clone()
     kw = dict(mask_id=mask_id, k=3, confidence=confidence)
     ref = step("reference", monkeypatch, logits, tokens, active, generator=gen(), **kw)
@@ -60,7 +66,8 @@ def test_denoise_step_matches_reference(backend, confidence, shape, dtype, monke
 @pytest.mark.parametrize("confidence", ["prob", "margin", "entropy"])
 @pytest.mark.parametrize("temperature", [0.7, 1.5])
 def test_denoise_step_samples_match_reference(backend, confidence, temperature, monkeypatch):
-    logits, tokens, active, mask_id = problem(3, 17, 123, mask_id=0, frac=0.8)
+    logits, tokens, active, mask_id = problem(3, 17, 123, mask_id=0, frac=0.8,
+                                              device=on(backend))
     kw = dict(mask_id=mask_id, threshold=0.2, temperature=temperature, confidence=confidence)
     g_ref, g_out = gen(7), gen(7)
     ref = step("reference", monkeypatch, logits, tokens, active, generator=g_ref, **kw)
@@ -90,7 +97,7 @@ def test_denoise_step_greedy_leaves_generator_alone():
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_denoise_step_exactly_k(backend, temperature, monkeypatch):
-    logits, tokens, active, mask_id = problem(4, 19, 123, frac=0.4)
+    logits, tokens, active, mask_id = problem(4, 19, 123, frac=0.4, device=on(backend))
     active[0] = False
     active[1, :2] = True
     active[1, 2:] = False
@@ -109,8 +116,8 @@ def test_denoise_step_exactly_k(backend, temperature, monkeypatch):
 
 @pytest.mark.parametrize("backend", ALL)
 def test_denoise_step_k_tensor(backend, monkeypatch):
-    logits, tokens, active, mask_id = problem(4, 21, 99, frac=0.5)
-    k = torch.tensor([0, 1, 4, 50], dtype=torch.int32)
+    logits, tokens, active, mask_id = problem(4, 21, 99, frac=0.5, device=on(backend))
+    k = torch.tensor([0, 1, 4, 50], dtype=torch.int32, device=on(backend))
     _, committed, _ = step(backend, monkeypatch, logits, tokens, active, mask_id=mask_id, k=k)
     assert torch.equal(committed.sum(1), torch.minimum(active.sum(1), k.long()))
     assert not (committed & ~active).any()
@@ -119,7 +126,7 @@ def test_denoise_step_k_tensor(backend, monkeypatch):
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("confidence", ["prob", "margin"])
 def test_denoise_step_threshold(backend, confidence, monkeypatch):
-    logits, tokens, active, mask_id = problem(5, 13, 64, frac=0.5)
+    logits, tokens, active, mask_id = problem(5, 13, 64, frac=0.5, device=on(backend))
     logits[:, ::3] *= 4  # some confident positions
     active[2] = False
     for threshold in (0.0, 0.5, 2.0):
@@ -142,11 +149,11 @@ def test_denoise_step_threshold(backend, confidence, monkeypatch):
 @pytest.mark.parametrize("backend", ALL)
 def test_denoise_step_keeps_decoded_positions(backend, monkeypatch):
     B, T, V, mask_id = 3, 24, 50, 49
-    logits = torch.randn(B, T, V)
-    tokens = torch.randint(0, mask_id, (B, T))
+    logits = torch.randn(B, T, V, device=on(backend))
+    tokens = torch.randint(0, mask_id, (B, T), device=on(backend))
     tokens[:, 8:16] = mask_id
     tokens[:, 10] = 3  # already decoded inside the block
-    active = (tokens == mask_id) & (torch.arange(T) < 16)
+    active = (tokens == mask_id) & (torch.arange(T, device=on(backend)) < 16)
     new, committed, _ = step(backend, monkeypatch, logits, tokens, active, mask_id=mask_id, k=8)
     assert torch.equal(committed, active)
     assert torch.equal(new[:, :8], tokens[:, :8]) and torch.equal(new[:, 16:], tokens[:, 16:])
@@ -157,7 +164,8 @@ def test_denoise_step_keeps_decoded_positions(backend, monkeypatch):
 @pytest.mark.parametrize("temperature", [0.0, 2.0])
 @pytest.mark.parametrize("mask_id", [0, 77, 122])
 def test_denoise_step_never_emits_mask_id(backend, temperature, mask_id, monkeypatch):
-    logits, tokens, active, _ = problem(2, 30, 123, mask_id=mask_id, frac=1.0)
+    logits, tokens, active, _ = problem(2, 30, 123, mask_id=mask_id, frac=1.0,
+                                        device=on(backend))
     logits[..., mask_id] = 50.0
     new, committed, _ = step(backend, monkeypatch, logits, tokens, active, mask_id=mask_id,
                              k=30, temperature=temperature, generator=gen())
@@ -175,6 +183,7 @@ def test_denoise_step_ties(backend, confidence, monkeypatch):
     active = torch.zeros(B, T, dtype=torch.bool)
     active[0, 3:40:2] = True
     active[1, 36:] = True
+    logits, tokens, active = (x.to(on(backend)) for x in (logits, tokens, active))
     new, committed, conf = step(backend, monkeypatch, logits, tokens, active, mask_id=1, k=3,
                                 confidence=confidence)
     assert (new[committed] == 130).all()
@@ -197,8 +206,10 @@ def test_denoise_step_triton_gpu_tiling(temperature, monkeypatch):
         n_tiles = (V + block - 1) // block
         return block, tiles, (n_tiles + tiles - 1) // tiles, 8
 
-    monkeypatch.setattr(triton_impl, "_config", gpu_config)
-    logits, tokens, active, mask_id = problem(1, 4, 40000, mask_id=20000, frac=0.75)
+    if not GPU:
+        monkeypatch.setattr(triton_impl, "_config", gpu_config)
+    logits, tokens, active, mask_id = problem(1, 4, 40000, mask_id=20000, frac=0.75,
+                                              device=on("triton"))
     logits[0, :, 39999] = logits.amax(-1) + 0.5  # the winner sits in the last, partial tile
     for confidence in CONFIDENCES:
         kw = dict(mask_id=mask_id, k=2, temperature=temperature, confidence=confidence)
@@ -217,12 +228,14 @@ def test_denoise_step_selection_kernel_ties(monkeypatch):
     conf = torch.where(active, conf, float("-inf"))
     tok = torch.randint(0, 9, (B, T))
     tokens = torch.full((B, T), 9)
-    for k, threshold in ((5, None), (torch.tensor([0, 3, 17, 100]), None), (None, 0.5)):
+    conf, active, tok, tokens = (x.to(on("triton")) for x in (conf, active, tok, tokens))
+    k_rows = torch.tensor([0, 3, 17, 100], device=on("triton"))
+    for k, threshold in ((5, None), (k_rows, None), (None, 0.5)):
         ref = reference.select(conf, active, k, threshold)
         monkeypatch.setattr(triton_impl, "token_and_confidence", lambda *a, **kw: (tok, conf))
         new, committed, _ = triton_impl.denoise_step(
-            torch.zeros(B, T, 2), tokens, active, mask_id=0, k=k, threshold=threshold,
-            temperature=0.0, confidence="prob", seed=None)
+            torch.zeros(B, T, 2, device=on("triton")), tokens, active, mask_id=0, k=k,
+            threshold=threshold, temperature=0.0, confidence="prob", seed=None)
         assert torch.equal(committed, ref)
         assert torch.equal(new, torch.where(ref, tok, tokens))
 
@@ -247,7 +260,7 @@ def test_denoise_step_sampling_statistics():
 
 @pytest.mark.parametrize("backend", ALL)
 def test_denoise_step_random_confidence(backend, monkeypatch):
-    logits, tokens, active, mask_id = problem(3, 40, 33)
+    logits, tokens, active, mask_id = problem(3, 40, 33, device=on(backend))
     _, _, conf = step(backend, monkeypatch, logits, tokens, active, mask_id=mask_id, k=1,
                       confidence="random", generator=gen(5))
     c = conf[active]
@@ -259,7 +272,7 @@ def test_denoise_step_random_confidence(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", FAST)
 def test_denoise_step_banned_tokens(backend, monkeypatch):
-    logits, tokens, active, mask_id = problem(2, 9, 123)
+    logits, tokens, active, mask_id = problem(2, 9, 123, device=on(backend))
     logits[torch.rand(logits.shape) < 0.3] = float("-inf")
     for confidence in ("prob", "margin", "entropy"):
         kw = dict(mask_id=mask_id, k=4, confidence=confidence, temperature=0.5)
