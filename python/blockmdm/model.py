@@ -1,0 +1,346 @@
+"""A compact pre-norm Transformer (RMSNorm, RoPE, SwiGLU) whose attention takes a mask spec.
+
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=12, mask_id=11, max_len=163))
+    logits = model(tokens, mask=masks.block_causal(9, prefix=82))      # [B, T, V]
+    cache = model.new_cache(batch_size, max_len)                       # decoding with a KV cache
+    logits = model(tokens[:, s:e], mask=spec.replace(q_offset=s), cache=cache, start=s)
+
+Discrete tasks read tokens through an embedding and write logits through ``head``; the training
+loss never builds logits (``bk.linear_masked_cross_entropy`` on the hidden states and
+``head.weight``). The continuous task (``input_dim > 0``) reads d-dim vectors through a linear
+layer, replaces masked vectors by a learned mask embedding and writes d-dim predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import blockmdm_kernels as bk
+from blockmdm_kernels import masks
+
+PRESETS = {
+    "tiny": dict(n_layer=2, dim=64, n_head=4),
+    "small": dict(n_layer=4, dim=128, n_head=4),
+    "paper": dict(n_layer=12, dim=256, n_head=8),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the Transformer. ``vocab_size > 0`` for token tasks, ``input_dim > 0`` for
+    the continuous task (exactly one of them)."""
+
+    vocab_size: int = 0
+    mask_id: int = -1
+    input_dim: int = 0
+    n_layer: int = 2
+    dim: int = 64
+    n_head: int = 4
+    n_kv_head: int | None = None
+    intermediate: int | None = None
+    max_len: int = 512
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.intermediate is None:
+            self.intermediate = _round_up(int(8 * self.dim / 3), 32)
+        for name in ("n_layer", "dim", "n_head", "n_kv_head", "intermediate", "max_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if (self.vocab_size > 0) == (self.input_dim > 0):
+            raise ValueError(
+                "exactly one of vocab_size (token tasks) and input_dim (continuous task) must be "
+                f"> 0, got vocab_size={self.vocab_size}, input_dim={self.input_dim}"
+            )
+        if self.vocab_size > 0 and not 0 <= self.mask_id < self.vocab_size:
+            raise ValueError(f"mask_id must be in [0, {self.vocab_size}), got {self.mask_id}")
+        if self.dim % self.n_head or (self.dim // self.n_head) % 2:
+            raise ValueError(
+                f"dim ({self.dim}) must be divisible by n_head ({self.n_head}) into an even "
+                "head size"
+            )
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        """A named preset (``tiny``, ``small``, ``paper``) with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer: ``k``, ``v`` [n_layer, B, max_len, Hkv, D]."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        if max_len > config.max_len:
+            raise ValueError(f"max_len must be <= config.max_len={config.max_len}, got {max_len}")
+        shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Writes k, v [B, t, Hkv, D] at positions start.., returns the keys/values 0..start+t."""
+        stop = start + k.shape[1]
+        self.k[layer, :, start:stop] = k
+        self.v[layer, :, start:stop] = v
+        return self.k[layer, :, :stop], self.v[layer, :, :stop]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) \
+            * self.weight
+
+
+def _rope_tables(head_dim: int, max_len: int, base: float):
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()  # [max_len, D/2]
+
+
+def _apply_rope(x, cos, sin):
+    """x [B, t, H, D]; cos, sin [B or 1, t, D/2]: rotates pairs (x_i, x_{i+D/2})."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, \
+            config.head_dim
+        self.wqkv = nn.Linear(config.dim, (config.n_head + 2 * config.n_kv_head)
+                              * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        B, t, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+             self.n_kv_head * self.head_dim], dim=-1)
+        q = _apply_rope(q.view(B, t, self.n_head, self.head_dim), cos, sin)
+        k = _apply_rope(k.view(B, t, self.n_kv_head, self.head_dim), cos, sin)
+        v = v.view(B, t, self.n_kv_head, self.head_dim)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k.to(cache.k.dtype), v.to(cache.v.dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        o = bk.block_attention(q, k, v, mask)
+        return self.wo(o.reshape(B, t, self.n_head * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate, bias=False)
+        self.w3 = nn.Linear(config.dim, config.intermediate, bias=False)
+        self.w2 = nn.Linear(config.intermediate, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """The backbone. ``model(x, mask=..., cache=..., start=...)`` follows the decoding contract:
+    logits [B, t, V] for positions start..start+t-1 (d-dim predictions for the continuous task).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.continuous = config.input_dim > 0
+        if self.continuous:
+            self.read_in = nn.Linear(config.input_dim, config.dim)
+            self.mask_embedding = nn.Parameter(torch.zeros(config.dim))
+            self.head = nn.Linear(config.dim, config.input_dim)
+        else:
+            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+            self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        cos, sin = _rope_tables(config.head_dim, config.max_len, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        if self.continuous:
+            nn.init.normal_(self.mask_embedding, std=0.02)
+
+    @staticmethod
+    def _init(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.mask_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A zeroed KV cache for ``batch_size`` rows and positions 0..max_len-1."""
+        p = self.head.weight
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+
+    def hidden_states(self, x, *, mask=None, cache=None, start: int = 0, positions=None,
+                      masked=None):
+        """The final normalised hidden states [B, t, dim].
+
+        Args:
+            x: int64 tokens [B, t]; for the continuous task float vectors [B, t, input_dim].
+            mask: a MaskSpec for this call (q_offset already set); None = full attention.
+            cache: None or a :class:`KVCache` from :meth:`new_cache`.
+            start: position of x[:, 0] (where the call writes into the cache).
+            positions: int64 [t] or [B, t] RoPE positions; default start..start+t-1. BD3
+                training gives both halves of [x_t | x_0] the positions 0..n-1.
+            masked: continuous task only, bool [B, t]: vectors replaced by the mask embedding.
+        """
+        if self.continuous:
+            if x.dim() != 3 or x.shape[-1] != self.config.input_dim or not x.is_floating_point():
+                raise ValueError(
+                    f"x must be float [B, t, {self.config.input_dim}], got {x.dtype} "
+                    f"{tuple(x.shape)}")
+            h = self.read_in(x)
+            if masked is not None:
+                h = torch.where(masked.unsqueeze(-1), self.mask_embedding.to(h.dtype), h)
+        else:
+            if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"tokens must be int64 [B, t], got {x.dtype} {tuple(x.shape)}")
+            h = self.tok_embeddings(x)
+        B, t = x.shape[:2]
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache has batch size {cache.batch_size}, tokens have {B}")
+            if start + t > cache.max_len:
+                raise ValueError(
+                    f"start + t = {start + t} exceeds the cache length {cache.max_len}")
+        if positions is None:
+            if start + t > self.config.max_len:
+                raise ValueError(
+                    f"positions up to {start + t} exceed max_len={self.config.max_len}")
+            cos = self.rope_cos[start:start + t].unsqueeze(0)
+            sin = self.rope_sin[start:start + t].unsqueeze(0)
+        else:
+            positions = positions if positions.dim() == 2 else positions.unsqueeze(0)
+            if int(positions.max()) >= self.config.max_len:
+                raise ValueError(f"positions must be < max_len={self.config.max_len}")
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if mask is None:
+            mask = masks.full(q_offset=start)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, start)
+        return self.norm(h)
+
+    def forward(self, x, *, mask=None, cache=None, start: int = 0, positions=None, masked=None):
+        """Logits [B, t, V] (continuous: predictions [B, t, input_dim]); see hidden_states."""
+        h = self.hidden_states(x, mask=mask, cache=cache, start=start, positions=positions,
+                               masked=masked)
+        return self.head(h)
+
+    def token_loss(self, hidden, targets, weights, *, focal_gamma: float = 0.0):
+        """Sum over selected rows of weights * cross-entropy, without building the logits.
+
+        Args:
+            hidden: [B, t, dim] from :meth:`hidden_states`; targets: int64 [B, t] (-100: not in
+            the loss); weights: float [B, t] (0: not in the loss).
+        """
+        return bk.linear_masked_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), self.head.weight, targets.reshape(-1),
+            weights.reshape(-1).float(), reduction="sum", focal_gamma=focal_gamma)
+
+    def vector_loss(self, hidden, targets, weights):
+        """Sum over rows of weights * squared error of the read-out, summed over the d dims.
+
+        Args:
+            hidden: [B, t, dim]; targets: float [B, t, input_dim]; weights: float [B, t].
+        """
+        pred = self.head(hidden).float()
+        return ((pred - targets.float()).pow(2).sum(-1) * weights.float()).sum()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory) -> None:
+        """Writes config.json and model.pt (a plain state dict)."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(self.config), f, indent=2)
+        _atomic_save(self.state_dict(), os.path.join(directory, "model.pt"))
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location="cpu") -> Transformer:
+        """Loads what :meth:`save_pretrained` wrote; never executes code from the files."""
+        with open(os.path.join(directory, "config.json")) as f:
+            fields = json.load(f)
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"config.json has unknown fields {unknown}")
+        model = cls(ModelConfig(**fields))
+        state = torch.load(os.path.join(directory, "model.pt"), map_location=map_location,
+                           weights_only=True)
+        model.load_state_dict(state)
+        return model
+
+
+def _atomic_save(obj, path) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
