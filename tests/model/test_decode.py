@@ -375,3 +375,20 @@ def test_decode_same_samples_on_every_backend(backend, monkeypatch):
         monkeypatch.delenv("BLOCKMDM_BACKEND")
         assert torch.equal(out.tokens, ref.tokens), kw
         assert torch.equal(out.commit_step, ref.commit_step), kw
+
+
+@pytest.mark.parametrize("strategy", ["confidence", "ar"])
+def test_decode_cached_equals_uncached_on_the_model_layer(strategy):
+    from blockmdm.model import ModelConfig, Transformer
+
+    config = ModelConfig.from_preset("tiny", vocab_size=V, mask_id=MASK, max_len=24)
+    model = Transformer(config).double().eval()
+    torch.nn.init.normal_(model.head.weight, std=1.0)
+    prompt = torch.randint(0, MASK, (2, 5))
+    kw = dict(strategy=strategy, temperature=0.5)
+    if strategy != "ar":
+        kw.update(attention="block_causal", block_size=4, steps=7)
+    out = decode(model, prompt, 14, generator=torch.Generator().manual_seed(3), **kw)
+    ref = decode(model, prompt, 14, use_cache=False, generator=torch.Generator().manual_seed(3),
+                 **kw)
+    assert torch.equal(out.tokens, ref.tokens) and out.forward_tokens < ref.forward_tokens
