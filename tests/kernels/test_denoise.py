@@ -11,7 +11,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 FAST = ["cpu", "triton"]
 ALL = ["reference", *FAST]
 CONFIDENCES = ["prob", "margin", "entropy", "random"]
-SHAPES = [(2, 1, 123), (3, 63, 123), (2, 5, 1000)]
+SHAPES = [(2, 1, 123), (2, 63, 123), (2, 5, 1000)]
 # Triton runs on the GPU where there is one, else under the interpreter on CPU tensors.
 GPU = torch.cuda.is_available()
 
@@ -63,8 +63,8 @@ def test_denoise_step_matches_reference(backend, confidence, shape, dtype, monke
 
 
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("confidence", ["prob", "margin", "entropy"])
-@pytest.mark.parametrize("temperature", [0.7, 1.5])
+@pytest.mark.parametrize("temperature, confidence",
+                         [(0.7, "prob"), (1.5, "margin"), (1.5, "entropy")])
 def test_denoise_step_samples_match_reference(backend, confidence, temperature, monkeypatch):
     logits, tokens, active, mask_id = problem(3, 17, 123, mask_id=0, frac=0.8,
                                               device=on(backend))
@@ -175,20 +175,20 @@ def test_denoise_step_never_emits_mask_id(backend, temperature, mask_id, monkeyp
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("confidence", CONFIDENCES[:3])
 def test_denoise_step_ties(backend, confidence, monkeypatch):
-    B, T, V = 2, 40, 1000  # V spans several Triton splits: ties across them too
+    B, T, V = 2, 24, 1000  # V spans several Triton splits: ties across them too
     row = torch.randn(V)
     row[[130, 700, 999]] = row.max() + 1  # three tied maxima: token 130 wins
     logits = row.expand(B, T, V).clone()
     tokens = torch.full((B, T), 1)
     active = torch.zeros(B, T, dtype=torch.bool)
-    active[0, 3:40:2] = True
-    active[1, 36:] = True
+    active[0, 3:24:2] = True
+    active[1, 20:] = True
     logits, tokens, active = (x.to(on(backend)) for x in (logits, tokens, active))
     new, committed, conf = step(backend, monkeypatch, logits, tokens, active, mask_id=1, k=3,
                                 confidence=confidence)
     assert (new[committed] == 130).all()
     assert committed[0].nonzero().squeeze(1).tolist() == [3, 5, 7]
-    assert committed[1].nonzero().squeeze(1).tolist() == [36, 37, 38]
+    assert committed[1].nonzero().squeeze(1).tolist() == [20, 21, 22]
     assert torch.unique(conf[active]).numel() == 1
     _, committed, _ = step(backend, monkeypatch, logits, tokens, active, mask_id=1,
                            threshold=1.5, confidence=confidence)
