@@ -1,15 +1,113 @@
-"""The ``blockmdm`` command line."""
+"""The ``blockmdm`` command line.
+
+    blockmdm train --task sudoku --family jigsaw --preset tiny --out runs/x [--resume]
+    blockmdm eval --run runs/x
+    blockmdm study --preset tiny [--out runs/study] [--tasks ...] [--families ...]
+
+Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m blockmdm.cli train ...``.
+"""
 
 import argparse
+import json
 import sys
 
 from blockmdm import __version__
+from blockmdm.families import FAMILIES, WEIGHTINGS
+from blockmdm.model import PRESETS
+from blockmdm.train import TASKS
+
+
+def _param(text: str):
+    """``name=value`` with value parsed as JSON when it can be (numbers), else a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected name=value, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _run_train(args) -> int:
+    from blockmdm.train import TrainConfig, train
+
+    fields = {k: getattr(args, k) for k in (
+        "task", "family", "preset", "steps", "batch_size", "lr", "warmup", "block_size",
+        "weighting", "seed", "n_train", "n_eval", "eval_every", "checkpoint_every",
+        "weight_decay", "grad_clip")}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    cfg = TrainConfig(out=args.out or f"runs/{args.task}-{args.family}",
+                      task_params=dict(args.task_param), **fields)
+    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    if result["eval"] is not None:
+        print(json.dumps({"step": cfg.resolved().steps, **result["eval"]}))
+    print(f"final loss {result['losses'][-1]:.4f}" if result["losses"] else "nothing to train",
+          f"({result['seconds']:.1f} s); run folder: {cfg.out}")
+    return 0
+
+
+def _run_eval(args) -> int:
+    from blockmdm.train import evaluate_run
+
+    metrics = evaluate_run(args.run, n_eval=args.n_eval)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _run_study(args) -> int:
+    from blockmdm.study import run_study
+
+    run_study(args.preset, args.out, tasks=args.tasks, families=args.families, seeds=args.seeds,
+              progress=not args.quiet)
+    print(f"report: {args.out}/report.md")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blockmdm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="blockmdm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"blockmdm {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one family on one task")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--family", required=True, choices=FAMILIES)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--block-size", type=int, help="block size in positions")
+    p.add_argument("--weighting", choices=WEIGHTINGS, help="loss weighting (default: the task's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--n-train", type=int, help="training examples to generate")
+    p.add_argument("--n-eval", type=int, help="evaluation examples (0: no evaluation)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--task-param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                   help="task generation parameter, e.g. difficulty=0.5 (repeatable)")
+    p.add_argument("--out", help="run folder (default runs/<task>-<family>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_train)
+
+    p = sub.add_parser("eval", help="print the task metrics of a trained run")
+    p.add_argument("--run", required=True, help="run folder written by `blockmdm train`")
+    p.add_argument("--n-eval", type=int, help="evaluation examples (default: the run's)")
+    p.set_defaults(run=_run_eval)
+
+    from blockmdm.study import STUDY_PRESETS
+
+    p = sub.add_parser("study", help="train every family on every task and write a report")
+    p.add_argument("--preset", default="tiny", choices=sorted(STUDY_PRESETS))
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    p.add_argument("--seeds", type=int, help="seeds per run (default: the preset's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_study)
     return parser
 
 
@@ -19,7 +117,10 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ValueError as err:
+        parser.exit(2, f"blockmdm {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -338,9 +338,18 @@ def evaluate_model(model, cfg: TrainConfig, data: TaskData, *, batch_size: int =
     return metrics
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=None) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=None,
+          stop_at: int | None = None) -> dict:
     """Trains one family on one task. Returns {"losses": [...], "eval": {...}, "out": ...,
-    "seconds": ...}. Data-parallel when launched by torchrun (WORLD_SIZE > 1)."""
+    "seconds": ..., "start_step": ...}. Data-parallel when launched by torchrun
+    (WORLD_SIZE > 1).
+
+    Args:
+        resume: continue from ``cfg.out``/checkpoint.pt (same loss curve as an uninterrupted
+            run).
+        stop_at: stop after this global step with a checkpoint, as a preempted job would
+            (the schedule still targets ``cfg.steps``); no final evaluation then.
+    """
     cfg = cfg.resolved()
     rank, world, local = _dist_env()
     owns_group = world > 1 and not dist.is_initialized()
@@ -351,13 +360,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of "
                          f"processes ({world})")
     try:
-        return _train(cfg, resume, progress, log, rank, world, device)
+        return _train(cfg, resume, progress, log, rank, world, device, stop_at)
     finally:
         if owns_group:
             dist.destroy_process_group()
 
 
-def _train(cfg, resume, progress, log, rank, world, device):
+def _train(cfg, resume, progress, log, rank, world, device, stop_at):
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -413,7 +422,8 @@ def _train(cfg, resume, progress, log, rank, world, device):
             "data_position": step * cfg.batch_size, "rng": _rng_state(device),
         }, ckpt_path)
 
-    for step in range(start, cfg.steps):
+    end = cfg.steps if stop_at is None else max(start, min(stop_at, cfg.steps))
+    for step in range(start, end):
         idx = batch_indices(step, cfg.batch_size, data.x.shape[0], cfg.seed)
         batch = family.corrupt(data.x[idx], prefix=data.prefix, block_size=cfg.block_size,
                                weighting=cfg.weighting, generator=noise_generator(cfg.seed, step),
@@ -450,7 +460,10 @@ def _train(cfg, resume, progress, log, rank, world, device):
             save(done)
     if bar is not None:
         bar.close()
-    save(cfg.steps)
+    save(end)
+    if end < cfg.steps:
+        return {"losses": losses, "eval": None, "out": out, "seconds": time.time() - t_start,
+                "start_step": start}
     if eval_data is not None and is_main:
         last_eval = _log_eval(model, cfg, eval_data, cfg.steps, metrics_path, log)
     if out and is_main:

@@ -1,0 +1,243 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from blockmdm.families import (
+    BD3_WINDOW,
+    FAMILIES,
+    MGDM_ALPHA,
+    family_loss,
+    get_family,
+    predict_vectors,
+)
+from blockmdm.model import ModelConfig, Transformer
+
+V, MASK = 11, 10
+P, R, BS = 6, 20, 4
+
+
+def _tokens(B=4, T=P + R):
+    return torch.randint(0, MASK, (B, T))
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _model(max_len=2 * (P + R)):
+    torch.manual_seed(3)
+    return Transformer(ModelConfig(vocab_size=V, mask_id=MASK, n_layer=1, dim=32, n_head=2,
+                                   max_len=max_len))
+
+
+@pytest.mark.parametrize("family, kind", [
+    ("ar", "causal"), ("mdm", "full"), ("block", "block_causal"), ("scatter", "scatter"),
+    ("jigsaw", "jigsaw"), ("bd3", "bd3"),
+])
+def test_mask_spec_per_family(family, kind):
+    batch = get_family(family).corrupt(_tokens(), prefix=P, block_size=BS, generator=_gen(),
+                                       mask_id=MASK)
+    spec = batch.spec()
+    assert spec.kind == kind
+    if kind not in ("causal", "full"):
+        assert spec.block_size == BS and spec.prefix == P
+    T = batch.inputs.shape[1]
+    assert spec.dense(T, T).shape[-1] == T
+
+
+@pytest.mark.parametrize("family", ["mdm", "block", "scatter"])
+def test_mask_rate_follows_t(family):
+    B, T = 3000, P + 200
+    batch = get_family(family).corrupt(_tokens(B, T), prefix=P, block_size=BS, generator=_gen(),
+                                       mask_id=MASK)
+    masked = batch.inputs == MASK
+    assert not masked[:, :P].any()
+    rate = masked[:, P:].float().mean(1)
+    # per row: rate ~ Binomial(200, t) / 200, sd <= 0.036
+    assert (rate - batch.t).abs().mean() < 0.04
+    assert abs(batch.t.mean().item() - 0.5) < 0.03
+    assert batch.t.min() >= 1e-3
+    torch.testing.assert_close(batch.mask_rate, rate)
+    # Targets exactly at the masked positions.
+    assert torch.equal(batch.targets != -100, masked)
+
+
+def test_jigsaw_masks_whole_blocks():
+    B, T = 500, P + 22  # 6 blocks of 4, the last one ragged (2)
+    x = _tokens(B, T)
+    batch = get_family("jigsaw").corrupt(x, prefix=P, block_size=BS, generator=_gen(),
+                                         mask_id=MASK)
+    nb = 6
+    mb = batch.masked_blocks
+    assert mb.shape == (B, nb)
+    k = mb.sum(1)
+    assert torch.equal(k, torch.round(batch.t * nb).long())  # t is the masked block fraction
+    assert (k >= 1).all() and (k <= nb).all()
+    blocks = torch.arange(T - P) // BS
+    masked = batch.inputs[:, P:] == MASK
+    assert torch.equal(masked, mb[:, blocks])
+    assert torch.equal(batch.spec().masked_blocks, mb)
+    # Roughly uniform t -> the mean masked fraction is about (mean of ceil(6 t) / 6).
+    assert abs(k.float().mean().item() / nb - 7 / 12) < 0.05
+
+
+def test_bd3_doubles_the_sequence():
+    B, T = 800, P + 24
+    x = _tokens(B, T)
+    batch = get_family("bd3").corrupt(x, prefix=P, block_size=BS, generator=_gen(),
+                                      mask_id=MASK)
+    assert batch.inputs.shape == (B, 2 * T)
+    assert torch.equal(batch.inputs[:, T:], x)
+    assert torch.equal(batch.positions, torch.cat([torch.arange(T), torch.arange(T)]))
+    assert (batch.weights[:, T:] == 0).all() and (batch.targets[:, T:] == -100).all()
+    assert batch.spec().seq_len == T
+    masked = batch.inputs[:, :T] == MASK
+    assert not masked[:, :P].any()
+    per_block = masked[:, P:].view(B, -1, BS).float().mean(-1)
+    lo, hi = BD3_WINDOW
+    assert abs(per_block.mean().item() - (lo + hi) / 2) < 0.02
+    # t is drawn per block: blocks of one row differ.
+    assert per_block.std(1).mean() > 0.1
+
+
+def test_ar_targets_are_next_tokens():
+    x = _tokens()
+    batch = get_family("ar").corrupt(x, prefix=P, block_size=BS, generator=_gen(), mask_id=MASK)
+    assert torch.equal(batch.inputs, x)
+    assert torch.equal(batch.targets[:, P - 1:-1], x[:, P:])
+    assert (batch.targets[:, :P - 1] == -100).all() and (batch.targets[:, -1] == -100).all()
+    assert batch.normaliser == x.shape[0] * R
+
+
+@pytest.mark.parametrize("weighting", ["elbo", "none", "mgdm"])
+def test_weightings(weighting):
+    B = 64
+    batch = get_family("mdm").corrupt(_tokens(B), prefix=P, block_size=BS, weighting=weighting,
+                                      generator=_gen(), mask_id=MASK)
+    masked = (batch.inputs == MASK).float()
+    t = batch.t[:, None]
+    expected = {
+        "elbo": (1 / t).clamp(0.1, 10) * masked,
+        "none": masked,
+        "mgdm": MGDM_ALPHA * (1 - t + 1 / R) * masked,
+    }[weighting]
+    torch.testing.assert_close(batch.weights, expected)
+    assert batch.normaliser == (B * R if weighting == "elbo" else masked.sum().item())
+    assert batch.focal_gamma == (1.0 if weighting == "mgdm" else 0.0)
+
+
+def _reference_loss(model, batch):
+    """Plain torch: materialised logits, F.cross_entropy, explicit weights and normaliser."""
+    logits = model(batch.inputs, mask=batch.spec(), positions=batch.positions).double()
+    ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none",
+                         ignore_index=-100)
+    if batch.focal_gamma:
+        ce = (1 - torch.exp(-ce)) ** batch.focal_gamma * ce
+    return (ce * batch.weights.flatten().double()).sum() / batch.normaliser
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("weighting", ["elbo", "mgdm"])
+def test_loss_matches_plain_torch(family, weighting):
+    model = _model()
+    batch = get_family(family).corrupt(_tokens(), prefix=P, block_size=BS, weighting=weighting,
+                                       generator=_gen(1), mask_id=MASK)
+    loss = family_loss(model, batch)
+    torch.testing.assert_close(loss.double(), _reference_loss(model, batch), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_mdlm_and_ar_references_by_hand():
+    """The MDLM ELBO and the AR loss written out independently of the family code."""
+    model = _model()
+    x = _tokens(3)
+    batch = get_family("mdm").corrupt(x, prefix=P, block_size=BS, weighting="elbo",
+                                      generator=_gen(2), mask_id=MASK)
+    logits = model(batch.inputs).double()
+    masked = batch.inputs == MASK
+    nll = -torch.log_softmax(logits, -1).gather(-1, x.unsqueeze(-1)).squeeze(-1)
+    w = (1 / batch.t).clamp(0.1, 10)[:, None]
+    mdlm = (nll * masked * w).sum() / (3 * R)
+    torch.testing.assert_close(family_loss(model, batch).double(), mdlm, rtol=1e-5, atol=1e-6)
+
+    ar = get_family("ar").corrupt(x, prefix=P, block_size=BS, generator=_gen(), mask_id=MASK)
+    from blockmdm_kernels import masks
+    logits = model(x, mask=masks.causal()).double()
+    ref = F.cross_entropy(logits[:, P - 1:-1].flatten(0, 1), x[:, P:].flatten())
+    torch.testing.assert_close(family_loss(model, ar).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mdm", "jigsaw", "bd3"])
+def test_row_shards_add_up(family):
+    model = _model()
+    batch = get_family(family).corrupt(_tokens(6), prefix=P, block_size=BS, generator=_gen(),
+                                       mask_id=MASK, weighting="none")
+    whole = family_loss(model, batch)
+    parts = sum(family_loss(model, batch.rows(i, i + 2)) for i in range(0, 6, 2))
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
+
+
+def _linreg(B=8, d=4, points=6, prompt=2):
+    x = torch.randn(B, 2 * points, d)
+    x[:, 1::2, 1:] = 0
+    targetable = torch.zeros(2 * points, dtype=torch.bool)
+    targetable[2 * prompt + 1::2] = True
+    return x, 2 * prompt, targetable
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_continuous_corruption_and_mse(family):
+    x, prefix, targetable = _linreg()
+    model = Transformer(ModelConfig(input_dim=4, n_layer=1, dim=32, n_head=2, max_len=24))
+    batch = get_family(family).corrupt(x, prefix=prefix, block_size=4, weighting="none",
+                                       generator=_gen(), targetable=targetable)
+    T = x.shape[1]
+    if family == "ar":
+        assert batch.masked is None
+        sel = batch.weights > 0
+        assert torch.equal(sel[0], torch.roll(targetable, -1))
+    else:
+        m = batch.masked[:, :T]
+        assert not (m & ~targetable).any()
+        assert torch.equal(batch.weights[:, :T] > 0, m)
+    pred = model(batch.inputs, mask=batch.spec(), positions=batch.positions,
+                 masked=batch.masked)
+    ref = ((pred - batch.targets).pow(2).sum(-1) * batch.weights).sum() / batch.normaliser
+    torch.testing.assert_close(family_loss(model, batch), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family, calls", [
+    ("ar", 4), ("mdm", 1), ("block", 2), ("bd3", 2), ("jigsaw", 2), ("scatter", 2),
+])
+def test_predict_vectors_order(family, calls):
+    x, prefix, targetable = _linreg()
+    model = Transformer(ModelConfig(input_dim=4, n_layer=1, dim=32, n_head=2, max_len=24))
+    out, n = predict_vectors(get_family(family), model, x, prefix=prefix, targetable=targetable,
+                             block_size=4)
+    assert n == calls
+    assert torch.equal(out[:, ~targetable], x[:, ~targetable])
+    assert torch.isfinite(out).all()
+
+
+def test_decoders():
+    assert get_family("ar").decoder(4) == {"strategy": "ar", "attention": "causal"}
+    assert get_family("mdm").decoder(4) == {"strategy": "confidence", "attention": "full"}
+    assert get_family("bd3").decoder(4)["attention"] == "block_causal"
+    assert get_family("jigsaw").decoder(4) == {"strategy": "jigsaw", "attention": "jigsaw",
+                                               "block_size": 4}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="family must be one of"):
+        get_family("gpt")
+    fam = get_family("mdm")
+    with pytest.raises(ValueError, match="weighting"):
+        fam.corrupt(_tokens(), prefix=P, block_size=BS, weighting="focal", mask_id=MASK)
+    with pytest.raises(ValueError, match="block_size"):
+        fam.corrupt(_tokens(), prefix=P, block_size=0, mask_id=MASK)
+    with pytest.raises(ValueError, match="prefix"):
+        fam.corrupt(_tokens(), prefix=P + R, block_size=BS, mask_id=MASK)
+    with pytest.raises(ValueError, match="mask_id"):
+        fam.corrupt(_tokens(), prefix=P, block_size=BS)
+    assert math.isclose(BD3_WINDOW[0], 0.3)
