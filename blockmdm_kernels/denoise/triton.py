@@ -3,7 +3,7 @@
 The row kernel keeps the online statistics per lane of a [BLOCK_V] tile (running max, sum-exp
 relative to it, first argmax, second largest, entropy accumulator, Gumbel-max winner) so the
 loop over V does one exp per element and no cross-lane reduction; the lanes are merged once at
-the end. A long row is split over several programs (~16K logits each) whose partial statistics a
+the end. A long row is split over several programs (~32K logits each) whose partial statistics a
 small merge kernel combines, so that a few rows still fill the GPU. Inactive rows read no logits.
 Nothing syncs with the host.
 """
@@ -234,10 +234,11 @@ def _denoise_select_kernel(
 
 def _config(V: int, sample: bool) -> tuple:
     """(BLOCK_V, tiles per program, splits per row, warps). Rows are split over several
-    programs so that a few long rows still fill the GPU; ~16K logits per program."""
+    programs so that a few long rows still fill the GPU, yet each program streams long enough
+    (~32K logits) to amortise its final cross-lane reduction."""
     if _dispatch.on_gpu_hardware():
         block = min(2048 if sample else 4096, triton.next_power_of_2(V))
-        tiles = max(1, 16384 // block)
+        tiles = max(1, 32768 // block)
         warps = 8 if block >= 2048 else 4
     else:
         block, tiles, warps = min(128, triton.next_power_of_2(V)), 2, 4

@@ -197,20 +197,20 @@ def test_denoise_step_ties(backend, confidence, monkeypatch):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_denoise_step_triton_gpu_tiling(temperature, monkeypatch):
-    """The tile sizes the GPU uses (4096-wide tiles, 4 per program, rows split and merged)."""
+    """The tile sizes the GPU uses (4096-wide tiles, 8 per program, rows split and merged)."""
     from blockmdm_kernels.denoise import triton as triton_impl
 
     def gpu_config(V, sample):
         block = 2048 if sample else 4096
-        tiles = 16384 // block
+        tiles = 32768 // block
         n_tiles = (V + block - 1) // block
         return block, tiles, (n_tiles + tiles - 1) // tiles, 8
 
     if not GPU:
         monkeypatch.setattr(triton_impl, "_config", gpu_config)
-    logits, tokens, active, mask_id = problem(1, 4, 40000, mask_id=20000, frac=0.75,
+    logits, tokens, active, mask_id = problem(1, 4, 70000, mask_id=20000, frac=0.75,
                                               device=on("triton"))
-    logits[0, :, 39999] = logits.amax(-1) + 0.5  # the winner sits in the last, partial tile
+    logits[0, :, 69999] = logits.amax(-1) + 0.5  # the winner sits in the last, partial tile
     for confidence in CONFIDENCES:
         kw = dict(mask_id=mask_id, k=2, temperature=temperature, confidence=confidence)
         ref = step("reference", monkeypatch, logits, tokens, active, generator=gen(), **kw)
