@@ -91,12 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<task>-<family>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_run_train)
+    p.set_defaults(handler=_run_train)
 
     p = sub.add_parser("eval", help="print the task metrics of a trained run")
     p.add_argument("--run", required=True, help="run folder written by `blockmdm train`")
     p.add_argument("--n-eval", type=int, help="evaluation examples (default: the run's)")
-    p.set_defaults(run=_run_eval)
+    p.set_defaults(handler=_run_eval)
 
     from blockmdm.study import STUDY_PRESETS
 
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument("--seeds", type=int, help="seeds per run (default: the preset's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=_run_study)
+    p.set_defaults(handler=_run_study)
     return parser
 
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.run(args)
+        return args.handler(args)
     except ValueError as err:
         parser.exit(2, f"blockmdm {args.command}: error: {err}\n")
 

@@ -1,0 +1,152 @@
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from blockmdm.train import (
+    TrainConfig,
+    batch_indices,
+    evaluate_run,
+    load_run,
+    lr_lambda,
+    train,
+)
+
+MICRO = {"dim": 32, "n_layer": 1, "n_head": 2}
+PATHFIND = {"n_nodes": 12, "degree": 2, "path_len": 3}
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(task="pathfind", family="mdm", preset="tiny", out=str(tmp_path / "run"),
+                steps=6, batch_size=8, n_train=32, n_eval=0, model=MICRO,
+                task_params=PATHFIND)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKMDM_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_training_reduces_the_loss(tmp_path):
+    cfg = _cfg(tmp_path, steps=40, lr=1e-2, warmup=2, family="ar")
+    losses = train(cfg, progress=False)["losses"]
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+
+
+def test_metrics_checkpoint_and_eval(tmp_path):
+    cfg = _cfg(tmp_path, family="block", block_size=2, n_eval=4, checkpoint_every=3)
+    result = train(cfg, progress=False)
+    run = tmp_path / "run"
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [ln for ln in lines if ln["split"] == "train"]
+    assert [ln["step"] for ln in train_lines] == list(range(1, 7))
+    assert all("loss" in ln and "step" in ln for ln in lines)
+    assert lines[-1]["split"] == "eval" and "exact" in lines[-1]
+    assert set(result["eval"]) >= {"exact", "token_accuracy", "valid", "eval_loss"}
+    assert not [p for p in os.listdir(run) if ".tmp" in p]
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["data_position"] == 6 * 8
+    cfg2, model = load_run(str(run))
+    assert cfg2.family == "block"
+    metrics = evaluate_run(str(run), n_eval=4)
+    assert metrics["exact"] == result["eval"]["exact"]
+
+
+@pytest.mark.parametrize("family", ["jigsaw", "bd3"])
+def test_resume_gives_the_same_loss_curve(tmp_path, family):
+    n = 3
+    full = train(_cfg(tmp_path / "a", family=family, steps=2 * n, block_size=2),
+                 progress=False)["losses"]
+    cfg = _cfg(tmp_path / "b", family=family, steps=2 * n, block_size=2)
+    first = train(cfg, progress=False, stop_at=n)
+    assert first["eval"] is None and len(first["losses"]) == n
+    second = train(cfg, progress=False, resume=True)
+    assert second["start_step"] == n
+    assert first["losses"] + second["losses"] == full
+    logged = [json.loads(ln)["loss"] for ln in
+              (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == full
+
+
+def test_linreg_trains_and_evaluates(tmp_path):
+    cfg = _cfg(tmp_path, task="linreg", family="scatter", block_size=4, n_eval=4,
+               task_params={"d": 3, "n_prompt": 4, "n_response": 4})
+    result = train(cfg, progress=False)
+    assert set(result["eval"]) >= {"mse", "mse_least_squares", "mse_zero"}
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg_dict, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    losses = train(TrainConfig(**cfg_dict), progress=False)["losses"]
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(losses, f)
+
+
+@pytest.mark.slow
+def test_ddp_matches_single_process(tmp_path):
+    cfg = _cfg(tmp_path / "one", family="jigsaw", block_size=2, steps=3)
+    single = train(cfg, progress=False)["losses"]
+    cfg2 = _cfg(tmp_path / "two", family="jigsaw", block_size=2, steps=3)
+    out = str(tmp_path / "ddp.json")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg2.__dict__, out), nprocs=2, join=True)
+    with open(out) as f:
+        ddp = json.load(f)
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_indices_cover_each_epoch():
+    n, b = 10, 4
+    idx = torch.cat([batch_indices(s, b, n, seed=0) for s in range(5)])
+    assert sorted(idx[:10].tolist()) == list(range(10))
+    assert sorted(idx[10:20].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(3, b, n, 0), batch_indices(3, b, n, 0))
+
+
+def test_lr_schedule():
+    fn = lr_lambda(warmup=4, total=20, min_ratio=0.1)
+    assert fn(0) < fn(3) <= 1.0
+    assert abs(fn(4) - 1.0) < 1e-9
+    assert abs(fn(20) - 0.1) < 1e-9 and fn(12) < 1.0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(task="chess"), "valid choices: linreg, pathfind, sudoku"),
+    (dict(family="gpt"), "valid choices: ar, mdm"),
+    (dict(preset="huge"), "valid choices"),
+    (dict(weighting="focal"), "elbo, none, mgdm"),
+    (dict(steps=0), "steps"),
+    (dict(block_size=0), "block_size"),
+    (dict(lr=-1.0), "lr"),
+    (dict(task="linreg", block_size=3), "even"),
+])
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw).resolved()
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint"):
+        train(_cfg(tmp_path), progress=False, resume=True)
+
+
+def test_batch_must_split_over_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *a, **k: None)
+    with pytest.raises(ValueError, match="divisible"):
+        train(_cfg(tmp_path, batch_size=8), progress=False)
