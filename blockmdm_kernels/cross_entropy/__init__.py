@@ -102,10 +102,6 @@ def _reduce(loss_rows, rows, w, n_total, reduction, ct):
     return total / max(rows.shape[0], 1) if reduction == "mean" else total
 
 
-def _gather(x, rows):
-    return x if rows.shape[0] == x.shape[0] else x.index_select(0, rows)
-
-
 def _nothing(x):
     return x.new_empty(0)
 
@@ -122,13 +118,10 @@ def _linear_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     rows, y, w = _selection(targets, weights, ignore_index, weight.shape[0], ct, check=True)
     fused = reduction != "none" and (need_dh or need_dw or need_db)
     coef = _coef(rows, w, hidden.new_ones((), dtype=ct), reduction, ct) if fused else None
-    loss_rows, dh_rows, dw, db = _impl(backend, hidden.dtype).linear_cross_entropy(
-        _gather(hidden, rows), weight, bias, y, coef, focal_gamma, z_loss, need_dh, need_dw,
-        need_db)
+    loss_rows, dh, dw, db = _impl(backend, hidden.dtype).linear_cross_entropy(
+        hidden, rows, weight, bias, y, coef, focal_gamma, z_loss, need_dh, need_dw, need_db)
     loss = _reduce(loss_rows, rows, w, hidden.shape[0], reduction, ct)
-    dh = (_nothing(hidden) if dh_rows is None
-          else hidden.new_zeros(hidden.shape).index_copy_(0, rows, dh_rows))
-    return (loss, dh, _nothing(weight) if dw is None else dw,
+    return (loss, _nothing(hidden) if dh is None else dh, _nothing(weight) if dw is None else dw,
             _nothing(weight) if db is None else db)
 
 
@@ -154,12 +147,10 @@ def _linear_bwd_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.
     ct = cpu.compute_dtype(hidden.dtype)
     rows, y, w = _selection(targets, weights, ignore_index, weight.shape[0], ct, check=False)
     coef = _coef(rows, w, grad_loss, "none", ct)
-    _, dh_rows, dw, db = _impl(backend, hidden.dtype).linear_cross_entropy(
-        _gather(hidden, rows), weight, bias, y, coef, focal_gamma, z_loss, need_dh, need_dw,
-        need_db)
-    dh = (_nothing(hidden) if dh_rows is None
-          else hidden.new_zeros(hidden.shape).index_copy_(0, rows, dh_rows))
-    return dh, _nothing(weight) if dw is None else dw, _nothing(weight) if db is None else db
+    _, dh, dw, db = _impl(backend, hidden.dtype).linear_cross_entropy(
+        hidden, rows, weight, bias, y, coef, focal_gamma, z_loss, need_dh, need_dw, need_db)
+    return (_nothing(hidden) if dh is None else dh, _nothing(weight) if dw is None else dw,
+            _nothing(weight) if db is None else db)
 
 
 @_linear_bwd_op.register_fake

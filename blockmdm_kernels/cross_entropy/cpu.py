@@ -56,45 +56,56 @@ def rows_loss_grad(x, y, coef, focal_gamma, z_loss):
     return loss
 
 
-def linear_cross_entropy(h, weight, bias, y, coef, focal_gamma, z_loss, need_dh, need_dw,
-                         need_db, rows_per_chunk=None):
-    """Row losses and (when ``coef`` is given) gradients of ``h @ weight.T + bias``.
+def row_chunks(rows, n_total, step):
+    """(start, end, index) per chunk of ``rows``; index is a slice when every row is selected,
+    so the full-selection case never gathers."""
+    n = rows.shape[0]
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        yield s, e, slice(s, e) if n == n_total else rows[s:e]
+
+
+def linear_cross_entropy(hidden, rows, weight, bias, y, coef, focal_gamma, z_loss, need_dh,
+                         need_dw, need_db, rows_per_chunk=None):
+    """Row losses and (when ``coef`` is given) gradients of ``hidden[rows] @ weight.T + bias``.
 
     Args:
-        h: [n, D] the selected rows
+        hidden: [N, D]
+        rows: int64 [n] selected rows, ascending
         weight: [V, D]
         bias: [V] or None
-        y: int64 [n]
+        y: int64 [n] targets of the selected rows
         coef: [n] d loss / d row loss, or None for the loss only
     Returns:
-        loss [n] (compute dtype), dh [n, D] or None, dw [V, D] or None, db [V] or None
-        (gradients in the input dtypes).
+        loss [n] (compute dtype), dh [N, D] (zero outside ``rows``) or None, dw [V, D] or None,
+        db [V] or None (gradients in the input dtypes).
     """
-    ct = compute_dtype(h.dtype)
-    n, V = h.shape[0], weight.shape[0]
+    ct = compute_dtype(hidden.dtype)
+    n, V = rows.shape[0], weight.shape[0]
     w = weight.to(ct)
     b = None if bias is None else bias.to(ct)
     grads = coef is not None
-    loss = torch.empty(n, dtype=ct, device=h.device)
-    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if grads and need_dh else None
-    dw = torch.zeros(weight.shape, dtype=ct, device=h.device) if grads and need_dw else None
-    db = torch.zeros(V, dtype=ct, device=h.device) if grads and need_db else None
+    loss = torch.empty(n, dtype=ct, device=hidden.device)
+    dh = (torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+          if grads and need_dh else None)
+    dw = torch.zeros(weight.shape, dtype=ct, device=hidden.device) if grads and need_dw else None
+    db = torch.zeros(V, dtype=ct, device=hidden.device) if grads and need_db else None
     step = rows_per_chunk or chunk_rows(n, V)
-    buf = torch.empty(min(step, n), V, dtype=ct, device=h.device)
-    for s in range(0, n, step):
-        hc = h[s:s + step].to(ct)
-        x = buf[:hc.shape[0]]  # [C, V]
+    buf = torch.empty(min(step, n), V, dtype=ct, device=hidden.device)
+    for s, e, index in row_chunks(rows, hidden.shape[0], step):
+        hc = hidden[index].to(ct)  # [C, D]
+        x = buf[:e - s]  # [C, V]
         if b is None:
             torch.mm(hc, w.t(), out=x)
         else:
             torch.addmm(b, hc, w.t(), out=x)
-        loss[s:s + step] = rows_loss_grad(x, y[s:s + step], None if coef is None
-                                          else coef[s:s + step], focal_gamma, z_loss)
+        loss[s:e] = rows_loss_grad(x, y[s:e], None if coef is None else coef[s:e],
+                                   focal_gamma, z_loss)
         if dh is not None:
-            if dh.dtype == ct:
-                torch.mm(x, w, out=dh[s:s + step])
+            if isinstance(index, slice) and dh.dtype == ct:
+                torch.mm(x, w, out=dh[index])
             else:
-                dh[s:s + step] = x @ w
+                dh[index] = (x @ w).to(dh.dtype)
         if dw is not None:
             dw.addmm_(x.t(), hc)
         if db is not None:

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from blockmdm_kernels import _dispatch
+from blockmdm_kernels.cross_entropy.cpu import row_chunks
 
 # Elements in one chunk of logits: 256 Mi elements is 512 MiB in bf16, about 2048 rows of a 128k
 # vocabulary; fewer chunks mean fewer read-modify-writes of the fp32 dW accumulator.
@@ -124,39 +125,44 @@ def _accumulate_mm(acc, a, b):
         acc += (a @ b).to(acc.dtype)
 
 
-def linear_cross_entropy(h, weight, bias, y, coef, focal_gamma, z_loss, need_dh, need_dw,
-                         need_db, rows_per_chunk=None):
+def linear_cross_entropy(hidden, rows, weight, bias, y, coef, focal_gamma, z_loss, need_dh,
+                         need_dw, need_db, rows_per_chunk=None):
     """Same contract as :func:`blockmdm_kernels.cross_entropy.cpu.linear_cross_entropy`.
 
     Args:
-        h: [n, D] selected rows, fp32/fp16/bf16
+        hidden: [N, D] fp32/fp16/bf16
+        rows: int64 [n] selected rows, ascending
         weight: [V, D]
         bias: [V] or None
         y: int64 [n]
         coef: [n] float or None
     Returns:
-        loss [n] fp32, dh [n, D] or None, dw [V, D] or None, db [V] or None.
+        loss [n] fp32, dh [N, D] or None, dw [V, D] or None, db [V] or None.
     """
-    n, V = h.shape[0], weight.shape[0]
+    n, V = rows.shape[0], weight.shape[0]
     grads = coef is not None
-    loss = torch.empty(n, dtype=torch.float32, device=h.device)
-    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if grads and need_dh else None
-    dw = (torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+    loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    dh = (torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+          if grads and need_dh else None)
+    dw = (torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
           if grads and need_dw else None)
-    db = torch.zeros(V, dtype=torch.float32, device=h.device) if grads and need_db else None
+    db = torch.zeros(V, dtype=torch.float32, device=hidden.device) if grads and need_db else None
     step = rows_per_chunk or _chunk_rows(n, V, CHUNK_ELEMENTS)
-    buf = torch.empty(min(step, n), V, dtype=h.dtype, device=h.device)
-    for s in range(0, n, step):
-        hc = h[s:s + step]
-        x = buf[:hc.shape[0]]  # [C, V]
+    buf = torch.empty(min(step, n), V, dtype=hidden.dtype, device=hidden.device)
+    for s, e, index in row_chunks(rows, hidden.shape[0], step):
+        hc = hidden[index]  # [C, D]
+        x = buf[:e - s]  # [C, V]
         if bias is None:
             torch.mm(hc, weight.t(), out=x)
         else:
             torch.addmm(bias, hc, weight.t(), out=x)
-        _launch(x, None, y[s:s + step], None if coef is None else coef[s:s + step], x,
-                loss[s:s + step], focal_gamma, z_loss)
+        _launch(x, None, y[s:e], None if coef is None else coef[s:e], x, loss[s:e],
+                focal_gamma, z_loss)
         if dh is not None:
-            torch.mm(x, weight, out=dh[s:s + step])
+            if isinstance(index, slice):
+                torch.mm(x, weight, out=dh[index])
+            else:
+                dh[index] = x @ weight
         if dw is not None:
             _accumulate_mm(dw, x.t(), hc)
         if db is not None:
