@@ -19,7 +19,7 @@ RANDOM_KEY = 0x5851F42D4C957F2D
 
 def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
+    return (z >> s).bitwise_and_((1 << (64 - s)) - 1)
 
 
 def uniform(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -31,16 +31,17 @@ def uniform(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     Returns:
         float64 [...]; int64 products wrap mod 2^64 exactly as the uint64 Triton version does.
     """
-    z = seed + (index + 1) * _GOLDEN
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    z = z ^ _shr(z, 31)
-    return (_shr(z, 11).double() + 0.5) * (2.0**-53)
+    # in place where possible: the CPU path runs this over [rows, V] chunks
+    z = (index + 1).mul_(_GOLDEN).add_(seed)
+    z.bitwise_xor_(_shr(z, 30)).mul_(_MIX1)
+    z.bitwise_xor_(_shr(z, 27)).mul_(_MIX2)
+    z.bitwise_xor_(_shr(z, 31))
+    return _shr(z, 11).double().add_(0.5).mul_(2.0**-53)
 
 
 def gumbel(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """float64 standard Gumbel noise -log(-log(u)) for the counters ``index``."""
-    return -torch.log(-torch.log(uniform(seed, index)))
+    return uniform(seed, index).log_().neg_().log_().neg_()
 
 
 def random_confidence(seed: torch.Tensor, B: int, T: int, device) -> torch.Tensor:

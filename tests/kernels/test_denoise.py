@@ -240,6 +240,23 @@ def test_denoise_step_selection_kernel_ties(monkeypatch):
         assert torch.equal(new, torch.where(ref, tok, tokens))
 
 
+def test_denoise_step_uniform_stream_is_splitmix64():
+    """The counter hash every backend shares, against plain Python integers."""
+    def splitmix(seed, i):
+        z = (seed + (i + 1) * 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        z ^= z >> 31
+        return ((z >> 11) + 0.5) * 2.0**-53
+
+    index = torch.tensor([0, 1, 2, 12345, 2**40 + 7, 2**62])
+    for seed in (0, 1, -1, 2**63 - 1, -(2**63), 0x123456789ABCDEF):
+        got = reference.uniform(torch.tensor([seed]), index)
+        want = torch.tensor([splitmix(seed % 2**64, int(i)) for i in index], dtype=torch.float64)
+        assert torch.equal(got, want)
+        assert ((got > 0) & (got < 1)).all()
+
+
 def test_denoise_step_sampling_statistics():
     V, N, temperature, mask_id = 6, 20000, 0.7, 2
     row = torch.tensor([1.0, 0.0, 3.0, -1.0, 0.5, 0.2])
