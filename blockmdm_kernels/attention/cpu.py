@@ -21,39 +21,56 @@ from blockmdm_kernels.masks import EMPTY, FULL, MaskSpec
 
 Q_TILE = 64
 K_TILE = 64
-MASKED_ROWS = 256  # most query rows merged into one masked call
+BLOCK_ROWS = 256  # query rows per plan block, a multiple of Q_TILE
 
 _fwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _plan(spec: MaskSpec, Tq: int, Tk: int):
-    """Per query tile: (q0, q1, segments [(k0, k1, partial)]), over the union of batch rows.
+def _runs(seen, partial, Tk):
+    """Maximal runs of adjacent seen key tiles with one partial flag -> [(k0, k1, partial)]."""
+    runs = []
+    for i_n, (s, p) in enumerate(zip(seen, partial)):
+        if not s:
+            continue
+        k0, k1 = i_n * K_TILE, min((i_n + 1) * K_TILE, Tk)
+        if runs and runs[-1][1] == k0 and runs[-1][2] == p:
+            runs[-1] = (runs[-1][0], k1, p)
+        else:
+            runs.append((k0, k1, p))
+    return runs
 
-    A segment is a run of adjacent non-empty key tiles that are all full (no mask needed) or
-    all partial; each becomes one kernel call on a view of K and V.
+
+def _plan(spec: MaskSpec, Tq: int, Tk: int):
+    """Kernel calls per block of BLOCK_ROWS query rows: [(q0, q1, [(r0, r1, k0, k1, partial)])].
+
+    Taken over the union of batch rows. Key tiles that are full for every query tile of a block
+    become calls over all its rows (the CPU kernel runs faster on more rows); the other
+    non-empty tiles become calls per query tile, one per run of adjacent tiles that are all full
+    or all partial, and equal runs of adjacent query tiles share a call.
     """
     tm = spec.tile_map(Tq, Tk, Q_TILE, K_TILE, "cpu")
-    nonempty = (tm.state != EMPTY).any(0).tolist()  # [nQ][nK]
-    full = (tm.state == FULL).all(0).tolist()
+    nonempty = (tm.state != EMPTY).any(0)  # [nQ, nK]
+    full = (tm.state == FULL).all(0)
+    n_q, per = nonempty.shape[0], BLOCK_ROWS // Q_TILE
     plan = []
-    for i_m, row in enumerate(nonempty):
-        segments = []
-        for i_n, seen in enumerate(row):
-            if not seen:
-                continue
-            partial = not full[i_m][i_n]
-            k0, k1 = i_n * K_TILE, min((i_n + 1) * K_TILE, Tk)
-            if segments and segments[-1][1] == k0 and segments[-1][2] == partial:
-                segments[-1] = (segments[-1][0], k1, partial)
-            else:
-                segments.append((k0, k1, partial))
-        q0, q1 = i_m * Q_TILE, min((i_m + 1) * Q_TILE, Tq)
-        masked = any(p for _, _, p in segments)
-        if plan and plan[-1][2] == segments and (not masked or q1 - plan[-1][0] <= MASKED_ROWS):
-            # Same segments as the tile above (full, scatter, prompt rows): one larger call.
-            q0 = plan.pop()[0]
-        plan.append((q0, q1, segments))
+    for m0 in range(0, n_q, per):
+        m1 = min(m0 + per, n_q)
+        q0, q1 = m0 * Q_TILE, min(m1 * Q_TILE, Tq)
+        common = full[m0:m1].all(0)  # [nK]
+        calls = [(q0, q1, k0, k1, False) for k0, k1, _ in _runs(common.tolist(), [False] *
+                                                                  len(common), Tk)]
+        last = {}  # (k0, k1, partial) -> index in calls of the call that may grow downwards
+        for m in range(m0, m1):
+            r0, r1 = m * Q_TILE, min((m + 1) * Q_TILE, Tq)
+            for run in _runs((nonempty[m] & ~common).tolist(), (~full[m]).tolist(), Tk):
+                i = last.get(run)
+                if i is not None and calls[i][1] == r0:
+                    calls[i] = (calls[i][0], r1) + run
+                else:
+                    last[run] = len(calls)
+                    calls.append((r0, r1) + run)
+        plan.append((q0, q1, calls))
     return plan
 
 
@@ -95,32 +112,32 @@ def forward(q, k, v, spec: MaskSpec, scale: float):
     acc = lse_dtype(q.dtype)
     o = torch.zeros(q.shape, dtype=q.dtype)
     lse = torch.full((B, H, Tq), float("inf"), dtype=acc)
-    for q0, q1, segments in _plan(spec, Tq, Tk):
-        if not segments:
+    for q0, q1, calls in _plan(spec, Tq, Tk):
+        if not calls:
             continue
-        q_t = q[:, q0:q1].transpose(1, 2)  # [B, H, rows, D]
-        o_acc = lse_acc = None
-        for k0, k1, partial in segments:
+        o_acc = torch.zeros(B, H, q1 - q0, D, dtype=acc)
+        lse_acc = torch.full((B, H, q1 - q0), float("-inf"), dtype=acc)
+        for r0, r1, k0, k1, partial in calls:
             mask = blind = None
             if partial:
-                mask, blind = _segment_mask(spec, q0, q1, k0, k1, Tk, q.dtype)
+                mask, blind = _segment_mask(spec, r0, r1, k0, k1, Tk, q.dtype)
                 # The kernel never sees an all -inf row; those rows are dropped below.
                 mask = mask.masked_fill(blind[:, None, :, None], 0.0)
-            o_s, lse_s = _fwd_op(q_t, _heads(k[:, k0:k1], G), _heads(v[:, k0:k1], G), 0.0,
-                                 False, attn_mask=mask, scale=scale)
+            o_s, lse_s = _fwd_op(q[:, r0:r1].transpose(1, 2), _heads(k[:, k0:k1], G),
+                                 _heads(v[:, k0:k1], G), 0.0, False, attn_mask=mask,
+                                 scale=scale)
             o_s, lse_s = o_s.to(acc), lse_s.to(acc)
             if blind is not None and blind.any():
                 lse_s = lse_s.masked_fill(blind[:, None], float("-inf"))
                 o_s = o_s.masked_fill(blind[:, None, :, None], 0.0)
-            if o_acc is None:
-                o_acc, lse_acc = o_s, lse_s
-                continue
-            # Merge two partial softmaxes by their logsumexps; -inf marks "nothing seen yet".
-            lse_new = torch.logaddexp(lse_acc, lse_s)
+            rows = slice(r0 - q0, r1 - q0)
+            # Merge partial softmaxes by their logsumexps; -inf marks "nothing seen yet".
+            lse_old = lse_acc[:, :, rows]
+            lse_new = torch.logaddexp(lse_old, lse_s)
             safe = lse_new.masked_fill(lse_new == float("-inf"), 0.0)
-            o_acc = (o_acc * (lse_acc - safe).exp()[..., None]
-                     + o_s * (lse_s - safe).exp()[..., None])
-            lse_acc = lse_new
+            o_acc[:, :, rows] = (o_acc[:, :, rows] * (lse_old - safe).exp()[..., None]
+                                 + o_s * (lse_s - safe).exp()[..., None])
+            lse_acc[:, :, rows] = lse_new
         o[:, q0:q1] = o_acc.transpose(1, 2).to(q.dtype)
         lse[:, :, q0:q1] = lse_acc.masked_fill(lse_acc == float("-inf"), float("inf"))
     return o, lse
@@ -129,8 +146,8 @@ def forward(q, k, v, spec: MaskSpec, scale: float):
 def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
     """Gradients (dq, dk, dv) of :func:`forward` given its output o and lse.
 
-    Each segment's kernel call gets the full row's o and lse, so its probabilities and
-    rowsum(dO * O) are those of the whole row; dQ is the sum over segments.
+    Each call gets its rows' final o and lse, so its probabilities and rowsum(dO * O) are
+    those of the whole row; dQ sums over the calls of a row.
     """
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
@@ -139,17 +156,18 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
     dq = torch.zeros(q.shape, dtype=q.dtype)
     dk = torch.zeros(B, Hkv, Tk, D, dtype=acc)  # the kernel's layout: contiguous adds
     dv = torch.zeros(B, Hkv, Tk, D, dtype=acc)
-    for q0, q1, segments in _plan(spec, Tq, Tk):
-        if not segments:
+    for q0, q1, calls in _plan(spec, Tq, Tk):
+        if not calls:
             continue
-        q_t, do_t, o_t = (x[:, q0:q1].transpose(1, 2) for x in (q, do, o))
-        lse_t = lse[:, :, q0:q1].contiguous()
-        dq_acc = None
-        for k0, k1, partial in segments:
-            mask = _segment_mask(spec, q0, q1, k0, k1, Tk, q.dtype)[0] if partial else None
-            dq_s, dk_s, dv_s = _bwd_op(do_t, q_t, _heads(k[:, k0:k1], G), _heads(v[:, k0:k1], G),
-                                       o_t, lse_t, 0.0, False, attn_mask=mask, scale=scale)
-            dq_acc = dq_s.to(acc) if dq_acc is None else dq_acc.add_(dq_s)
+        dq_acc = torch.zeros(B, H, q1 - q0, D, dtype=acc)
+        for r0, r1, k0, k1, partial in calls:
+            mask = _segment_mask(spec, r0, r1, k0, k1, Tk, q.dtype)[0] if partial else None
+            dq_s, dk_s, dv_s = _bwd_op(
+                do[:, r0:r1].transpose(1, 2), q[:, r0:r1].transpose(1, 2),
+                _heads(k[:, k0:k1], G), _heads(v[:, k0:k1], G), o[:, r0:r1].transpose(1, 2),
+                lse[:, :, r0:r1].contiguous(), 0.0, False, attn_mask=mask, scale=scale,
+            )
+            dq_acc[:, :, r0 - q0:r1 - q0] += dq_s
             dk[:, :, k0:k1] += _group_sum(dk_s, G, acc)
             dv[:, :, k0:k1] += _group_sum(dv_s, G, acc)
         dq[:, q0:q1] = dq_acc.transpose(1, 2).to(q.dtype)

@@ -93,9 +93,16 @@ def test_block_attention_triton_bf16_cuda(case, monkeypatch):
     _run_case(case, torch.bfloat16, monkeypatch, "cuda")
 
 
+@pytest.mark.parametrize("tiles", ["default", "small"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_block_attention_cpu_fp32(case, monkeypatch):
+def test_block_attention_cpu_fp32(case, tiles, monkeypatch):
     monkeypatch.setenv("BLOCKMDM_BACKEND", "cpu")
+    if tiles == "small":
+        # Several row blocks, ragged tiles and merged calls on small shapes.
+        from blockmdm_kernels.attention import cpu
+
+        for name, value in (("Q_TILE", 16), ("K_TILE", 8), ("BLOCK_ROWS", 48)):
+            monkeypatch.setattr(cpu, name, value)
     _run_case(case, torch.float32, monkeypatch)
 
 
