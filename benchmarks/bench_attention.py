@@ -88,7 +88,17 @@ def _with_backward(fn, inputs, do):
     return step
 
 
-def run(device: str, quick: bool, flex: bool = True, only=None) -> list:
+def _names(csv: str) -> list:
+    return [f.strip() for f in csv.split(",") if f.strip()]
+
+
+def _picked(name: str, families) -> bool:
+    return not families or any(name.startswith(f) for f in families)
+
+
+def run(device: str, quick: bool, flex=(), only=()) -> list:
+    """Rows of the report. ``flex``: families timed with FlexAttention (None: none, empty: all);
+    ``only``: families to run (empty: all)."""
     cfg = CONFIGS["quick" if quick else device]
     B, H, D, T, dtype = cfg["B"], cfg["H"], cfg["D"], cfg["T"], cfg["dtype"]
     # Each family's mask_mod is a new function: FlexAttention recompiles once per family.
@@ -97,7 +107,7 @@ def run(device: str, quick: bool, flex: bool = True, only=None) -> list:
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     rows = []
     for name, spec in families(B, T, cfg["block"], device):
-        if only and not any(name.startswith(f) for f in only):
+        if not _picked(name, only):
             continue
         pairs = visible_pairs(spec, B, T, device)
         flops = 4 * B * H * D * pairs
@@ -107,24 +117,27 @@ def run(device: str, quick: bool, flex: bool = True, only=None) -> list:
             x.requires_grad_(True)
         impls = {"ours": (_ours(q, k, v, spec), (q, k, v), do),
                  "sdpa": (_sdpa(qh, kh, vh, spec, T, device), (qh, kh, vh), doh)}
-        if flex:
+        with_flex = flex is not None and _picked(name, flex)
+        if with_flex:
             # FlexAttention has no CPU backward and refuses CPU inputs that require grad.
             fq, fk, fv = (x.detach() for x in (qh, kh, vh)) if device == "cpu" else (qh, kh, vh)
             impls["flex"] = (_flex(fq, fk, fv, spec, T, device), (fq, fk, fv), doh)
+        columns = ["ours", "sdpa"] + ([] if flex is None else ["flex"])
         for label, factor in (("fwd", 1.0), ("fwd+bwd", 3.5)):
             row = {"family": name, "pass": label, "T": T, "visible %": 100.0 * pairs / (B * T * T)}
             ms = {}
-            for impl, (fn, inputs, grad) in impls.items():
-                if impl == "flex" and device == "cpu" and label != "fwd":
+            for impl in columns:
+                if impl not in impls or (impl == "flex" and device == "cpu" and label != "fwd"):
                     row[f"{impl} ms"] = row[f"{impl} TFLOP/s"] = "n/a"
                     continue
+                fn, inputs, grad = impls[impl]
                 step = fn if label == "fwd" else _with_backward(fn, inputs, grad)
                 with torch.no_grad() if label == "fwd" else torch.enable_grad():
                     ms[impl] = bench(step, device)
                 sync(device)
                 row[f"{impl} ms"] = ms[impl]
                 row[f"{impl} TFLOP/s"] = flops * factor / (ms[impl] * 1e-3) / 1e12
-            for impl in impls:
+            for impl in columns:
                 if impl != "ours":
                     row[f"x vs {impl}"] = ms[impl] / ms["ours"] if impl in ms else "n/a"
             rows.append(row)
@@ -140,6 +153,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small shapes for a dry run")
     parser.add_argument("--out", default=None, help="report folder (default results/<device>/)")
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention column")
+    parser.add_argument("--flex-families", default=None,
+                        help="comma-separated families timed with FlexAttention (default: all on "
+                             "cpu; the targets block_causal,bd3 on cuda, whose compiles are slow)")
     parser.add_argument("--families", default="",
                         help="comma-separated family names to run (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
@@ -147,22 +163,29 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = CONFIGS["quick" if args.quick else args.device]
-    only = [f.strip() for f in args.families.split(",") if f.strip()]
-    rows = run(args.device, args.quick, flex=not args.no_flex, only=only)
+    flex_families = args.flex_families
+    if flex_families is None:
+        flex_families = "block_causal,bd3" if args.device == "cuda" and not args.quick else ""
+    flex = None if args.no_flex else _names(flex_families)
+    rows = run(args.device, args.quick, flex=flex, only=_names(args.families))
     notes = (
         f"B={cfg['B']}, H={cfg['H']}, D={cfg['D']}, T={cfg['T']} (bd3: [x_t | x_0], "
-        f"2x{cfg['T'] // 2}), {str(cfg['dtype']).replace('torch.', '')}, no GQA. "
+        f"2x{cfg['T'] // 2}), {str(cfg['dtype']).replace('torch.', '')}, no GQA, "
+        f"{torch.get_num_threads()} CPU threads. "
         "ours: bk.block_attention (Triton on CUDA, the tile-skipping CPU path on CPU). "
         "sdpa: F.scaled_dot_product_attention with the dense bool mask (is_causal for causal, no "
         "mask for full). flex: torch.compile(flex_attention) with create_block_mask(spec.mask_mod)."
         " TFLOP/s count visible pairs only (4*B*H*D*pairs forward, x3.5 for forward+backward); "
         "'x vs' is baseline ms / ours ms (> 1: ours is faster)."
     )
-    if args.no_flex:
+    if flex is None:
         notes += " FlexAttention skipped (--no-flex)."
-    elif args.device == "cpu":
-        notes += (" FlexAttention has no CPU backward (torch raises NotImplementedError), so its "
-                  "forward+backward cells are n/a on CPU.")
+    else:
+        if flex:
+            notes += f" FlexAttention timed for {', '.join(flex)} only (n/a elsewhere)."
+        if args.device == "cpu":
+            notes += (" FlexAttention has no CPU backward (torch raises NotImplementedError), so "
+                      "its forward+backward cells are n/a on CPU.")
     write_report("attention", "block_attention vs SDPA and FlexAttention", rows, args.device,
                  notes, args.out)
 
