@@ -224,7 +224,9 @@ class MaskSpec:
     def tile_map(self, Tq: int, Tk: int, block_m: int, block_n: int, device=None) -> TileMap:
         """Per (query tile, key tile): EMPTY, PARTIAL or FULL, from the predicate. Cached."""
         device = torch.device(device or "cpu")
-        key = (Tq, Tk, block_m, block_n, str(device))
+        # Tensor version counters make an in-place edit of masked_blocks / kv_lens a cache miss.
+        versions = tuple(t._version for t in (self.masked_blocks, self.kv_lens) if t is not None)
+        key = (Tq, Tk, block_m, block_n, str(device), versions)
         cached = self._tile_cache.get(key)
         if cached is not None:
             return cached

@@ -180,3 +180,13 @@ def test_tile_map_is_cached_and_device_keyed():
     spec = masks.block_causal(16)
     assert spec.tile_map(64, 64, 16, 16) is spec.tile_map(64, 64, 16, 16)
     assert spec.replace(q_offset=0).tile_map(64, 64, 16, 16) is not spec.tile_map(64, 64, 16, 16)
+
+
+def test_tile_map_follows_in_place_edits():
+    mb = torch.zeros(1, 4, dtype=torch.bool)
+    spec = masks.jigsaw(4, mb)
+    before = spec.tile_map(16, 16, 4, 4).state.clone()
+    mb[0, 1] = True
+    after = spec.tile_map(16, 16, 4, 4).state
+    assert not torch.equal(before, after)
+    assert torch.equal(after != EMPTY, spec.dense(16, 16).view(1, 4, 4, 4, 4).any(4).any(2))
