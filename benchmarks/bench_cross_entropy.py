@@ -12,6 +12,7 @@ reports beyond the inputs. As a pytest-benchmark module it times small shapes.
 """
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -99,16 +100,27 @@ def allocator_peak(fn) -> int:
     return peak
 
 
-def measure(N, D, V, dtype, device, fraction, timing):
+def measure(N, D, V, dtype, device, fraction, rounds):
     inputs = make(N, D, V, dtype, device, fraction)
     row = {"N": N, "D": D, "V": V, "dtype": str(dtype).replace("torch.", ""),
            "selected %": round(100 * fraction)}
     methods = [("ours", ours_fn), ("torch (a)", torch_fn)]
     if has_torch_linear_ce():
         methods.append(("torch linear_ce (b)", torch_linear_ce_fn))
-    for name, make_fn in methods:
-        fn = make_fn(*inputs)
-        row[f"{name} ms"] = bench(fn, device, **timing)
+    fns = {name: make_fn(*inputs) for name, make_fn in methods}
+    if device == "cuda":
+        times = {name: [bench(fn, device)] for name, fn in fns.items()}
+    else:
+        # one call per method per round, interleaved, so a change in the load of the shared
+        # machine hits every method alike; the median over rounds is reported
+        times = {name: [] for name in fns}
+        for fn in fns.values():
+            fn()
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(bench(fn, device, warmup=0, rep=1, min_time=0.0))
+    for name, fn in fns.items():
+        row[f"{name} ms"] = statistics.median(times[name])
         row[f"{name} peak MB"] = peak_memory(fn, device) / 2**20
         if device == "cpu":
             row[f"{name} alloc peak MB"] = allocator_peak(fn) / 2**20
@@ -123,11 +135,10 @@ def measure(N, D, V, dtype, device, fraction, timing):
 
 def run(device: str, quick: bool):
     N, D, V, dtype = CONFIGS["quick" if quick else device]
-    # a CPU step of the full shape takes seconds: few repetitions keep the run within minutes
-    timing = {} if device == "cuda" or quick else {"warmup": 1, "rep": 2, "min_time": 0.0}
+    rounds = 5 if quick else 3
     rows = []
     for fraction in FRACTIONS:
-        rows.append(measure(N, D, V, dtype, device, fraction, timing))
+        rows.append(measure(N, D, V, dtype, device, fraction, rounds))
         print(rows[-1], flush=True)
     return rows
 
@@ -145,7 +156,8 @@ def main(argv=None):
         "mean; (a) = `F.linear` + `F.cross_entropy(reduction=\"none\") * weights`, summed and "
         "divided by the selected count; (b) = `F.linear_cross_entropy(..., "
         "options=LinearCrossEntropyOptions())` with unselected rows as ignore_index. Times are "
-        "forward + backward (grads of hidden and weight), median ms; peak MB is "
+        "forward + backward (grads of hidden and weight), median ms (CPU: median of 3 rounds, "
+        "each timing every method once, interleaved, after one warm-up call); peak MB is "
         "`benchmarks.common.peak_memory` (CUDA: allocator peak beyond the inputs; CPU: the "
         "profiler's running sum of per-op totals, which counts an allocation once for every op "
         "it is nested in, for every method alike); on CPU, alloc peak MB is the running sum of "
