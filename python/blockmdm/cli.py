@@ -34,7 +34,7 @@ def _run_train(args) -> int:
     fields = {k: getattr(args, k) for k in (
         "task", "family", "preset", "steps", "batch_size", "lr", "warmup", "block_size",
         "weighting", "seed", "n_train", "n_eval", "eval_every", "checkpoint_every",
-        "weight_decay", "grad_clip")}
+        "weight_decay", "grad_clip", "threads")}
     fields = {k: v for k, v in fields.items() if v is not None}
     cfg = TrainConfig(out=args.out or f"runs/{args.task}-{args.family}",
                       task_params=dict(args.task_param), **fields)
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--task-param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="task generation parameter, e.g. difficulty=0.5 (repeatable)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for tiny, else torch's)")
     p.add_argument("--out", help="run folder (default runs/<task>-<family>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

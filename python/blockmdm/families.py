@@ -322,12 +322,13 @@ def predict_vectors(family: Family, model, x, *, prefix: int, targetable, block_
     B, T = x.shape[:2]
     targetable = targetable.to(torch.bool).cpu() & (torch.arange(T) >= prefix)
     x = x.clone()
-    x[:, targetable] = 0
+    x[:, targetable.to(x.device)] = 0
     todo = targetable.clone()
     nb = _n_blocks(T, prefix, block_size)
     blk = _block_index(T, prefix, block_size)
     groups = family.decode_order(prefix, targetable, block_size)
     for group in groups:
+        group = group.to(x.device)
         if family.name == "ar":
             pred = model(x, mask=masks.causal())
             x[:, group] = pred[:, group - 1].to(x.dtype)
@@ -341,6 +342,6 @@ def predict_vectors(family: Family, model, x, *, prefix: int, targetable, block_
         masked = todo.to(x.device).expand(B, T)
         pred = model(x, mask=spec, masked=masked)
         x[:, group] = pred[:, group].to(x.dtype)
-        todo[group] = False
+        todo[group.cpu()] = False
     return x, len(groups)
 

@@ -27,7 +27,8 @@ STUDY_PRESETS = {
     # Small task instances so the whole study runs in minutes on 2 CPU cores.
     "tiny": {
         "train_preset": "tiny", "seeds": 1,
-        "task_params": {"pathfind": {"n_nodes": 20, "degree": 2, "path_len": 5},
+        "task_params": {"sudoku": {"pool_size": 64},
+                        "pathfind": {"n_nodes": 20, "degree": 2, "path_len": 5},
                         "linreg": {"d": 5, "n_prompt": 10, "n_response": 10}},
         "block_size": {"sudoku": 9, "pathfind": 2, "linreg": 4},
     },
