@@ -9,6 +9,7 @@ Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m blockmdm.cli train ...`
 
 import argparse
 import json
+import os
 import sys
 
 from blockmdm import __version__
@@ -39,6 +40,8 @@ def _run_train(args) -> int:
     cfg = TrainConfig(out=args.out or f"runs/{args.task}-{args.family}",
                       task_params=dict(args.task_param), **fields)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if result["eval"] is not None:
         print(json.dumps({"step": cfg.resolved().steps, **result["eval"]}))
     print(f"final loss {result['losses'][-1]:.4f}" if result["losses"] else "nothing to train",
