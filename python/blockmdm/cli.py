@@ -35,7 +35,7 @@ def _run_train(args) -> int:
     fields = {k: getattr(args, k) for k in (
         "task", "family", "preset", "steps", "batch_size", "lr", "warmup", "block_size",
         "weighting", "seed", "n_train", "n_eval", "eval_every", "checkpoint_every",
-        "weight_decay", "grad_clip", "threads")}
+        "weight_decay", "grad_clip", "threads", "device")}
     fields = {k: v for k, v in fields.items() if v is not None}
     cfg = TrainConfig(out=args.out or f"runs/{args.task}-{args.family}",
                       task_params=dict(args.task_param), **fields)
@@ -52,7 +52,7 @@ def _run_train(args) -> int:
 def _run_eval(args) -> int:
     from blockmdm.train import evaluate_run
 
-    metrics = evaluate_run(args.run, n_eval=args.n_eval)
+    metrics = evaluate_run(args.run, n_eval=args.n_eval, device=args.device)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="task generation parameter, e.g. difficulty=0.5 (repeatable)")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for tiny, else torch's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--out", help="run folder (default runs/<task>-<family>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="print the task metrics of a trained run")
     p.add_argument("--run", required=True, help="run folder written by `blockmdm train`")
     p.add_argument("--n-eval", type=int, help="evaluation examples (default: the run's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: the run's")
     p.set_defaults(handler=_run_eval)
 
     from blockmdm.study import STUDY_PRESETS

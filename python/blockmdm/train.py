@@ -60,9 +60,10 @@ _STEPPED = ("confidence", "jigsaw", "scatter", "ddpm")
 class TrainConfig:
     """Everything a run depends on. ``None`` fields take the preset's / task's default.
 
-    ``threads``: CPU threads for torch during the run (restored afterwards); the tiny preset
-    uses 1, because a tiny model gains nothing from intra-op threads and, on a busy machine,
-    spinning OpenMP threads slow it down by orders of magnitude. None: torch's default.
+    ``device``: "cpu", "cuda" or None (cuda when available). ``threads``: CPU threads for
+    torch during the run (restored afterwards); the tiny preset uses 1, because a tiny model
+    gains nothing from intra-op threads and, on a busy machine, spinning OpenMP threads slow it
+    down by orders of magnitude. None: torch's default.
     """
 
     task: str = "sudoku"
@@ -85,6 +86,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     decode_steps_per_block: int | None = None
     threads: int | None = None
+    device: str | None = None
     task_params: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
 
@@ -99,6 +101,8 @@ class TrainConfig:
             if getattr(cfg, name) is None:
                 setattr(cfg, name, value)
         _choice("weighting", cfg.weighting, WEIGHTINGS)
+        if cfg.device is not None:
+            _choice("device", cfg.device, ("cpu", "cuda"))
         for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("block_size", 1),
                           ("n_train", 1), ("n_eval", 0), ("eval_every", 0),
                           ("checkpoint_every", 0)):
@@ -239,8 +243,11 @@ def _dist_env():
     return rank, world, local
 
 
-def _device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
+def _device(choice: str | None, local_rank: int = 0) -> torch.device:
+    """``choice`` "cpu", "cuda" or None (cuda when available); one GPU per local rank."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if choice == "cuda" or (choice is None and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -363,7 +370,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     cfg = cfg.resolved()
     rank, world, local = _dist_env()
     owns_group = world > 1 and not dist.is_initialized()
-    device = _device(local)
+    device = _device(cfg.device, local)
     if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.batch_size % world:
@@ -516,14 +523,15 @@ def load_run(run_dir: str):
     return cfg, model
 
 
-def evaluate_run(run_dir: str, *, n_eval: int | None = None) -> dict:
-    """Task metrics of a trained run on its eval set (``n_eval`` examples, default the run's)."""
+def evaluate_run(run_dir: str, *, n_eval: int | None = None, device: str | None = None) -> dict:
+    """Task metrics of a trained run on its eval set (``n_eval`` examples, default the run's;
+    ``device`` "cpu" / "cuda", default the run's)."""
     cfg, model = load_run(run_dir)
     cfg = cfg.resolved()
     n = n_eval if n_eval is not None else cfg.n_eval
     if n < 1:
         raise ValueError(f"n_eval must be >= 1, got {n}")
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = _device(device or cfg.device)
     data = load_data(cfg.task, n, cfg.seed + 1, cfg.task_params)
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.threads:

@@ -21,7 +21,7 @@ PATHFIND = {"n_nodes": 12, "degree": 2, "path_len": 3}
 def _cfg(tmp_path, **kw):
     base = dict(task="pathfind", family="mdm", preset="tiny", out=str(tmp_path / "run"),
                 steps=6, batch_size=8, n_train=32, n_eval=0, model=MICRO,
-                task_params=PATHFIND)
+                task_params=PATHFIND, device="cpu")
     return TrainConfig(**{**base, **kw})
 
 
@@ -107,6 +107,26 @@ def test_ddp_matches_single_process(tmp_path):
     with open(out) as f:
         ddp = json.load(f)
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["ar", "jigsaw", "bd3"])
+def test_cuda_bf16_training_and_decoding(tmp_path, family):
+    cfg = _cfg(tmp_path, family=family, block_size=2, steps=20, lr=1e-2, n_eval=8,
+               device="cuda")
+    result = train(cfg, progress=False)
+    losses = torch.tensor(result["losses"])
+    assert torch.isfinite(losses).all()
+    assert losses[-5:].mean() < losses[:5].mean()
+    assert set(result["eval"]) >= {"exact", "token_accuracy", "valid"}
+    resumed = train(_cfg(tmp_path / "r", family=family, block_size=2, steps=20, lr=1e-2,
+                         device="cuda"), progress=False, stop_at=10)
+    assert len(resumed["losses"]) == 10
+
+
+def test_device_choice():
+    with pytest.raises(ValueError, match="valid choices: cpu, cuda"):
+        TrainConfig(device="tpu").resolved()
 
 
 def test_batch_indices_cover_each_epoch():
