@@ -42,6 +42,18 @@ TASK_METRICS = {
     "linreg": ("mse", "mse_least_squares", "mse_zero"),
 }
 SPIKE_FACTOR, SPIKE_WINDOW = 1.5, 10
+PLOT_WINDOW = 10
+
+
+def _smooth(values: list, window: int = PLOT_WINDOW) -> list:
+    """Trailing moving average (shorter at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def stability(losses: list) -> dict:
@@ -172,10 +184,10 @@ def _plot(runs, out) -> str | None:
     for ax, task in zip(axes[0], tasks):
         for r in runs:
             if r["task"] == task:
-                ax.plot(r["losses"], label=f"{r['family']} s{r['seed']}", lw=1)
+                ax.plot(_smooth(r["losses"]), label=f"{r['family']} s{r['seed']}", lw=1)
         ax.set_title(task)
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel(f"training loss ({PLOT_WINDOW}-step mean)")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()

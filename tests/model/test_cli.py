@@ -24,7 +24,11 @@ def test_train_then_eval(tmp_path, capsys):
     assert main(["eval", "--run", run]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) >= {"exact", "token_accuracy", "valid"}
-    assert main(TRAIN + ["--out", run, "--steps", "3", "--resume"]) == 0
+    assert main(TRAIN + ["--out", run, "--steps", "3", "--resume", "--eval-every", "1"]) == 0
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if ln]
+    evals = [ln["step"] for ln in lines if ln["split"] == "eval"]
+    assert evals == [2, 3]  # the first run's final eval is kept, then periodic + final
 
 
 @pytest.mark.parametrize("argv, expect", [

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from blockmdm.study import report, run_study, stability
+from blockmdm.study import _smooth, report, run_study, stability
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +21,10 @@ def test_stability_metrics():
     assert stability(rising)["final_over_best"] == pytest.approx(2.0)
 
 
+def test_smooth():
+    assert _smooth([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+
+
 def test_study_writes_report(tmp_path):
     out = tmp_path / "study"
     summary = run_study("tiny", str(out), tasks=["pathfind", "linreg"], families=["ar", "bd3"],
@@ -33,6 +37,11 @@ def test_study_writes_report(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == 2
     assert report(summary).count("| ar |") == 2
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "loss_curves.png").exists() and "loss_curves.png" in text
+    except ImportError:
+        assert "Install matplotlib" in text
 
 
 def test_unknown_choices():
