@@ -98,7 +98,6 @@ def _ddp_worker(rank, world, port, cfg_dict, out):
             json.dump(losses, f)
 
 
-@pytest.mark.slow
 def test_ddp_matches_single_process(tmp_path):
     cfg = _cfg(tmp_path / "one", family="jigsaw", block_size=2, steps=3)
     single = train(cfg, progress=False)["losses"]
