@@ -88,24 +88,6 @@ def torch_linear_ce_fn(hidden, weight, targets, weights):
     return fn
 
 
-def allocator_peak(fn) -> int:
-    """CPU: peak bytes of the allocator's own alloc/free trace while ``fn()`` runs.
-
-    ``peak_memory`` sums per-op totals, which count an allocation once for every op it is nested
-    in; the raw ``[memory]`` events are counted once each, in time order.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 def measure(N, D, V, dtype, device, fraction, rounds, base):
     inputs = make(N, D, V, dtype, device, fraction, base=base)
     row = {"N": N, "D": D, "V": V, "dtype": str(dtype).replace("torch.", ""),
@@ -128,12 +110,8 @@ def measure(N, D, V, dtype, device, fraction, rounds, base):
     for name, fn in fns.items():
         row[f"{name} ms"] = statistics.median(times[name])
         row[f"{name} peak MB"] = peak_memory(fn, device) / 2**20
-        if device == "cpu":
-            row[f"{name} alloc peak MB"] = allocator_peak(fn) / 2**20
     row["speed-up vs (a)"] = row["torch (a) ms"] / row["ours ms"]
     row["memory / (a)"] = row["ours peak MB"] / row["torch (a) peak MB"]
-    if device == "cpu":
-        row["alloc memory / (a)"] = row["ours alloc peak MB"] / row["torch (a) alloc peak MB"]
     if has_torch_linear_ce():
         row["speed-up vs (b)"] = row["torch linear_ce (b) ms"] / row["ours ms"]
     return row
@@ -166,9 +144,7 @@ def main(argv=None):
         "forward + backward (grads of hidden and weight), median ms (CPU: median of 3 rounds, "
         "each timing every method once, interleaved, after one warm-up call); peak MB is "
         "`benchmarks.common.peak_memory` (CUDA: allocator peak beyond the inputs; CPU: the "
-        "profiler's running sum of per-op totals, which counts an allocation once for every op "
-        "it is nested in, for every method alike); on CPU, alloc peak MB is the running sum of "
-        "the profiler's raw alloc/free events, each counted once (the closer figure)."
+        "running sum of the profiler's raw alloc/free events, each counted once)."
     )
     if not has_torch_linear_ce():
         notes += (f"\n\ntorch {torch.__version__} has no "

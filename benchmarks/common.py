@@ -46,8 +46,11 @@ def bench(fn, device: str, *, warmup: int = 2, rep: int = 5, min_time: float = 0
 
 
 def peak_memory(fn, device: str) -> int:
-    """Peak bytes allocated while ``fn()`` runs beyond what was allocated before it (CUDA), or
-    the peak of tensors alive during ``fn`` as seen by the CPU profiler (CPU)."""
+    """Peak bytes allocated while ``fn()`` runs, beyond what was allocated before it.
+
+    CUDA: the caching allocator's peak. CPU: the running sum of the profiler's raw allocation
+    events (each allocation and free counted once, in time order).
+    """
     if device != "cpu":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -59,9 +62,10 @@ def peak_memory(fn, device: str) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.cpu_memory_usage
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
         peak = max(peak, current)
     return peak
 

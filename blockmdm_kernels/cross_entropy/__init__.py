@@ -56,6 +56,20 @@ def _check_float(x, name):
                         f"{getattr(x, 'dtype', type(x).__name__)}")
 
 
+def _autocast(*tensors):
+    """Under autocast, the inputs cast to the autocast dtype (as F.linear would see them)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _no_autocast(device):
+    """The ops choose their own compute dtypes; autocast must not recast their internals."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _compiling() -> bool:
     return hasattr(torch, "compiler") and torch.compiler.is_compiling()
 
@@ -272,9 +286,10 @@ def masked_cross_entropy(logits, targets, weights=None, *, ignore_index=-100, re
                                               reduction=reduction, focal_gamma=focal_gamma,
                                               z_loss=z_loss)
     V = logits.shape[-1]
-    loss = _logits_op(logits.reshape(-1, V), targets.reshape(-1),
-                      None if weights is None else weights.reshape(-1), int(ignore_index),
-                      reduction, float(focal_gamma), float(z_loss), backend)
+    with _no_autocast(logits.device):
+        loss = _logits_op(logits.reshape(-1, V), targets.reshape(-1),
+                          None if weights is None else weights.reshape(-1), int(ignore_index),
+                          reduction, float(focal_gamma), float(z_loss), backend)
     return loss.reshape(targets.shape) if reduction == "none" else loss
 
 
@@ -285,7 +300,8 @@ def linear_masked_cross_entropy(hidden, weight, targets, weights=None, *, bias=N
 
     Args:
         hidden: [N, D] or [B, T, D], float
-        weight: [V, D], same dtype and device as hidden
+        weight: [V, D], same dtype and device as hidden (under autocast both are cast to the
+            autocast dtype first, as F.linear would)
         targets: int [N] or [B, T]; ignore_index or a class in [0, V)
         weights: float [N] or [B, T] or None; rows with weight 0 are not in the loss. Treated
             as constants (no gradient).
@@ -297,6 +313,7 @@ def linear_masked_cross_entropy(hidden, weight, targets, weights=None, *, bias=N
     """
     _check_float(hidden, "hidden")
     _check_float(weight, "weight")
+    hidden, weight, bias = _autocast(hidden, weight, bias)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [N, D] or [B, T, D], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -326,8 +343,9 @@ def linear_masked_cross_entropy(hidden, weight, targets, weights=None, *, bias=N
     def need(x):
         return grad_on and x is not None and x.requires_grad
 
-    loss = _linear_op(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
-                      None if weights is None else weights.reshape(-1), int(ignore_index),
-                      reduction, float(focal_gamma), float(z_loss), need(hidden), need(weight),
-                      need(bias), backend)[0]
+    with _no_autocast(hidden.device):
+        loss = _linear_op(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                          targets.reshape(-1), None if weights is None else weights.reshape(-1),
+                          int(ignore_index), reduction, float(focal_gamma), float(z_loss),
+                          need(hidden), need(weight), need(bias), backend)[0]
     return loss.reshape(targets.shape) if reduction == "none" else loss

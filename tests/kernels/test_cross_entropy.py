@@ -287,3 +287,18 @@ def test_bad_arguments():
         bk.masked_cross_entropy(torch.randn(10), y[:1])
     with pytest.raises(ValueError, match="targets"):
         bk.masked_cross_entropy(torch.randn(6, 10), torch.zeros(6, 1, dtype=torch.long))
+
+
+def test_autocast_casts_like_linear():
+    hidden = torch.randn(37, 24, requires_grad=True)
+    weight = torch.randn(123, 24, requires_grad=True)
+    targets = torch.randint(0, 123, (37,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = bk.linear_masked_cross_entropy(hidden, weight, targets)
+    want = reference.linear_masked_cross_entropy(
+        hidden.detach().bfloat16().double(), weight.detach().bfloat16().double(), targets, None)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - want.item()) < 1e-2 * abs(want.item())
+    loss.backward()
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
