@@ -8,7 +8,6 @@ forward+backward, the same numerator for every implementation. As a pytest-bench
 times small shapes.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ if __name__ == "__main__":
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 import blockmdm_kernels as bk  # noqa: E402
-from benchmarks.common import bench, sync, write_report  # noqa: E402
+from benchmarks.common import arg_parser, bench, parse_args, sync, write_report  # noqa: E402
 from blockmdm_kernels import masks  # noqa: E402
 
 CONFIGS = {
@@ -147,21 +146,14 @@ def run(device: str, quick: bool, flex=(), only=()) -> list:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="small shapes for a dry run")
-    parser.add_argument("--out", default=None, help="report folder (default results/<device>/)")
+    parser = arg_parser(__doc__)
     parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention column")
     parser.add_argument("--flex-families", default=None,
                         help="comma-separated families timed with FlexAttention (default: all on "
                              "cpu; the targets block_causal,bd3 on cuda, whose compiles are slow)")
     parser.add_argument("--families", default="",
                         help="comma-separated family names to run (default: all)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, argv)
     cfg = CONFIGS["quick" if args.quick else args.device]
     flex_families = args.flex_families
     if flex_families is None:

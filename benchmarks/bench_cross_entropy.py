@@ -11,7 +11,6 @@ ignore_index (it has no per-row weights). Peak memory is what ``benchmarks.commo
 reports beyond the inputs. As a pytest-benchmark module it times small shapes.
 """
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ if __name__ == "__main__":
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 import blockmdm_kernels as bk  # noqa: E402
-from benchmarks.common import bench, peak_memory, write_report  # noqa: E402
+from benchmarks.common import arg_parser, bench, parse_args, peak_memory, write_report  # noqa: E402
 
 FRACTIONS = (0.15, 0.5, 1.0)
 
@@ -129,12 +128,7 @@ def run(device: str, quick: bool):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = parse_args(arg_parser(__doc__), argv)
     rows = run(args.device, args.quick)
     notes = (
         "ours = `bk.linear_masked_cross_entropy(hidden, weight, targets, weights)`, reduction "

@@ -12,7 +12,6 @@ the same prompt and length with the same block size.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python")]  # run as a script from anywher
 from blockmdm.decode import decode  # noqa: E402
 from blockmdm.model import ModelConfig, Transformer  # noqa: E402
 
-from benchmarks.common import bench, device_name, write_report  # noqa: E402
+from benchmarks.common import arg_parser, bench, device_name, parse_args, write_report  # noqa: E402
 
 # (preset, vocab, batch, prompt, length, block size)
 SHAPES = {
@@ -111,15 +110,11 @@ def test_decode(benchmark, name):
     assert not (out.tokens == model.mask_id).any()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="small shapes for a dry run")
-    parser.add_argument("--out", default=None, help="report folder (default results/<device>/)")
-    args = parser.parse_args()
+def main(argv=None):
+    args = parse_args(arg_parser(__doc__), argv)
     shape = "quick" if args.quick else ("cuda" if args.device == "cuda" else "cpu")
     preset, vocab, B, P, L, bs = SHAPES[shape]
-    if args.device == "cpu":
+    if args.device == "cpu" and not args.threads:
         # The CPU machines are shared: with other jobs running, two intra-op threads timed
         # 10-100x slower and far noisier than one.
         torch.set_num_threads(1)

@@ -12,7 +12,6 @@ read + write) is measured in the same run and the step's GB/s is reported as a s
 pytest-benchmark module it times small shapes.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ if __name__ == "__main__":
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 import blockmdm_kernels as bk  # noqa: E402
-from benchmarks.common import bench, peak_memory, write_report  # noqa: E402
+from benchmarks.common import arg_parser, bench, parse_args, peak_memory, write_report  # noqa: E402
 
 K = 4
 
@@ -116,17 +115,7 @@ def run(device: str, quick: bool):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 avoids stalls on a machine shared with "
-                             "other jobs)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(arg_parser(__doc__), argv)
     rows, hbm = run(args.device, args.quick)
     notes = (
         "Step = `bk.denoise_step` (k = 4, confidence \"prob\"); plain = softmax over all "

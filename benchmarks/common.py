@@ -7,6 +7,7 @@ the machine, versions, commit and date.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
@@ -19,6 +20,27 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: --device, --quick, --out, --threads."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="small shapes for a dry run")
+    parser.add_argument("--out", default=None, help="report folder (default results/<device>/)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 avoids stalls on a machine shared with other "
+                             "jobs)")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parses and applies --threads."""
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def device_name(device: str) -> str:
