@@ -22,6 +22,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SPEC_CACHE: OrderedDict = OrderedDict()
 _SPEC_CACHE_SIZE = 64
+_ORDER_CACHE: dict = {}
 
 
 def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
@@ -48,11 +49,38 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     if backend == "reference" or q.numel() == 0 or Tk == 0:
         return reference.block_attention(q, k, v, mask, float(scale))
+    order = _offset_major(mask, Tq, Tk, q.device)
+    if order is not None:
+        # Scatter over whole blocks is block_causal in offset-major order, where its visible
+        # work falls into skippable tiles; attention commutes with permuting positions.
+        perm, inverse = order
+        q, k, v = (x.index_select(1, perm) for x in (q, k, v))
+        n_blocks = (Tk - mask.prefix) // mask.block_size
+        mask = MaskSpec("block_causal", n_blocks, mask.prefix)
+    else:
+        inverse = None
     o, _ = _attention_fwd(
         q, k, v, KINDS.index(mask.kind), mask.block_size, mask.prefix, mask.q_offset,
         mask.seq_len or 0, mask.masked_blocks, mask.kv_lens, float(scale), backend,
     )
-    return o
+    return o if inverse is None else o.index_select(1, inverse)
+
+
+def _offset_major(mask: MaskSpec, Tq: int, Tk: int, device):
+    """(perm, inverse) int64 [Tk] putting the response in offset-major order (offset 0 of every
+    block, then offset 1, ...), for a scatter mask whose response is whole blocks of self-
+    attention without padding; None for every other mask."""
+    P, bs = mask.prefix, mask.block_size
+    n = Tk - P
+    if (mask.kind != "scatter" or bs == 1 or Tq != Tk or mask.q_offset or mask.kv_lens is not None
+            or n < 2 * bs or n % bs):
+        return None
+    key = (Tk, P, bs, str(device))
+    if key not in _ORDER_CACHE:
+        response = torch.arange(n, device=device).view(n // bs, bs).t().reshape(-1) + P
+        perm = torch.cat([torch.arange(P, device=device), response])
+        _ORDER_CACHE[key] = (perm, torch.argsort(perm))
+    return _ORDER_CACHE[key]
 
 
 def _check(q, k, v, mask, backend) -> None:

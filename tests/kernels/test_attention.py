@@ -30,6 +30,7 @@ CASES = [
     ("block_causal_b64_prefix", lambda: masks.block_causal(64, prefix=3), 1, 200, 200, 2, 2, 16),
     ("scatter_b3", lambda: masks.scatter(3), 1, 63, 63, 2, 2, 16),
     ("scatter_b16_prefix_mqa", lambda: masks.scatter(16, prefix=10), 1, 111, 111, 4, 1, 16),
+    ("scatter_b8_prefix_whole_blocks", lambda: masks.scatter(8, prefix=7), 2, 71, 71, 2, 1, 32),
     ("jigsaw_b3_prefix", lambda: masks.jigsaw(3, _mb(2, 20), prefix=4), 2, 63, 63, 2, 2, 16),
     ("jigsaw_b16_kvlens", lambda: masks.jigsaw(16, _mb(2, 7), kv_lens=torch.tensor([111, 70])),
      2, 111, 111, 2, 1, 32),
@@ -239,3 +240,17 @@ def test_block_attention_mask_changed_in_place(backend, monkeypatch):
     kv_lens[0] = 30
     ref = reference.block_attention(q.double(), k.double(), v.double(), spec, 0.25)
     assert_close_rel(bk.block_attention(q, k, v, spec), ref, torch.float32)
+
+
+def test_scatter_over_whole_blocks_runs_offset_major():
+    from blockmdm_kernels.attention import _offset_major
+
+    perm, inverse = _offset_major(masks.scatter(3, prefix=2), 14, 14, "cpu")
+    assert perm.tolist() == [0, 1, 2, 5, 8, 11, 3, 6, 9, 12, 4, 7, 10, 13]
+    assert torch.equal(perm[inverse], torch.arange(14))
+    # In that order the scatter mask is block_causal with one block (of 4 blocks' worth of
+    # positions) per offset.
+    dense = masks.scatter(3, prefix=2).dense(14, 14)[0]
+    assert torch.equal(dense[perm][:, perm], masks.block_causal(4, prefix=2).dense(14, 14)[0])
+    for ragged in (masks.scatter(3, prefix=2), masks.scatter(4, q_offset=1)):
+        assert _offset_major(ragged, 10, 10, "cpu") is None
