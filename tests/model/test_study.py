@@ -49,3 +49,31 @@ def test_unknown_choices():
         run_study("huge")
     with pytest.raises(ValueError, match="valid choices"):
         run_study("tiny", tasks=["chess"])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
+def test_presets_resolve(preset):
+    import dataclasses
+
+    from blockmdm.study import STUDY_PRESETS
+    from blockmdm.train import TASK_DEFAULTS, TASKS, TrainConfig
+
+    plan = STUDY_PRESETS[preset]
+    for task in TASKS:
+        cfg = TrainConfig(task=task, preset=plan["train_preset"],
+                          weighting=TASK_DEFAULTS[task]["weighting"],
+                          block_size=plan["block_size"].get(task),
+                          task_params=dict(plan["task_params"].get(task, {})))
+        cfg = dataclasses.replace(cfg, **plan.get("train", {}).get(task, {})).resolved()
+        assert cfg.steps >= 1 and cfg.block_size >= 1
+
+
+def test_per_task_settings_reach_the_run(tmp_path):
+    out = tmp_path / "study"
+    run_study("tiny", str(out), tasks=["linreg"], families=["mdm"], progress=False, log=None,
+              overrides={"steps": 2, "n_train": 8, "n_eval": 2, "batch_size": 4})
+    cfg = json.loads((out / "linreg" / "mdm" / "seed0" / "run.json").read_text())
+    # The preset's per-task model and task sizes apply; explicit overrides win over them.
+    assert cfg["model"] == {"dim": 32, "n_head": 2}
+    assert cfg["task_params"] == {"d": 2, "n_prompt": 4, "n_response": 6}
+    assert cfg["steps"] == 2 and cfg["batch_size"] == 4 and cfg["lr"] == 3e-3
