@@ -17,8 +17,9 @@ Presets (``blockmdm study --preset NAME``), all settings in :data:`STUDY_PRESETS
   the zero-prediction MSE), star graphs with 2 arms of 3 nodes (exact paths near the
   1/degree = 0.5 that following the source's edges gives). Sudoku gets only a short run and
   stays near chance (cell accuracy ~1/9); it is there to exercise the pipeline.
-- ``small``: ~40 minutes on 2 CPU cores (minutes on a GPU), two seeds, ~3x tiny's steps,
-  4-node arms and a longer sudoku run, for clearer family differences and seed spreads.
+- ``small``: ~35 minutes on 2 CPU cores (estimated from step times), minutes on a GPU; two
+  seeds, ~3x tiny's steps, 4-node arms and a longer sudoku run, for clearer family differences
+  and seed spreads.
 - ``paper``: the full task sizes and model (GPU).
 """
 
@@ -55,10 +56,10 @@ STUDY_PRESETS = {
                            model={"dim": 32, "n_head": 2}),
         },
     },
-    # ~40 minutes on 2 CPU cores (estimated from tiny's step times), minutes on a GPU: tiny's
+    # ~35 minutes on 2 CPU cores (estimated from measured step times), minutes on a GPU: tiny's
     # learnable task sizes with two seeds and ~3x the steps, path-star arms one node longer (the
     # next-token model's Clever-Hans shortcut then caps it at 1/degree exact paths), and a
-    # sudoku run long enough to leave chance.
+    # 13x longer sudoku run on a 64-wide model.
     "small": {
         "train_preset": "small", "seeds": 2,
         "task_params": {"sudoku": {"difficulty": 0.0, "pool_size": 512},
