@@ -380,7 +380,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     if device.type == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, resume, progress, log, rank, world, device, stop_at)
+        result = _train(cfg, resume, progress, log, rank, world, device, stop_at)
+        if owns_group:
+            # Tearing the gloo group down while a peer is still inside it aborts that peer.
+            dist.barrier()
+        return result
     finally:
         torch.set_num_threads(threads)
         if owns_group:

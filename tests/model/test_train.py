@@ -1,9 +1,9 @@
 import json
 import os
-import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from blockmdm.train import (
     TrainConfig,
@@ -82,17 +82,14 @@ def test_linreg_trains_and_evaluates(tmp_path):
     assert all(torch.isfinite(torch.tensor(result["losses"])))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, cfg_dict, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_worker(rank, world, store, cfg_dict, out):
+    # A file rendezvous: no TCP port to race for on a shared machine.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     losses = train(TrainConfig(**cfg_dict), progress=False)["losses"]
+    dist.barrier()
+    dist.destroy_process_group()
     if rank == 0:
         with open(out, "w") as f:
             json.dump(losses, f)
@@ -103,7 +100,8 @@ def test_ddp_matches_single_process(tmp_path):
     single = train(cfg, progress=False)["losses"]
     cfg2 = _cfg(tmp_path / "two", family="jigsaw", block_size=2, steps=3)
     out = str(tmp_path / "ddp.json")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg2.__dict__, out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), cfg2.__dict__, out), nprocs=2,
+             join=True)
     with open(out) as f:
         ddp = json.load(f)
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=1e-5, atol=1e-6)
