@@ -93,6 +93,24 @@ def _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_
 
 
 @triton.jit
+def _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, i_m, o_d, Tk, qk_scale, Q_OFFSET,
+              P, BS, HALF, p_mb, n_mb, kv_len, KIND: tl.constexpr, HAS_KVLENS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The j-th non-empty key tile of query tile i_m: masked scores [BM, BN] (base 2), K and V
+    [BN, D]. Shared by the forward and the dQ kernel."""
+    i_n = tl.load(p_idx + j)
+    state = tl.load(p_state + i_n)
+    o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_k = o_k < Tk
+    b_k = tl.load(p_k0 + o_k[:, None] * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
+    b_v = tl.load(p_v0 + o_k[:, None] * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+    b_s = _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
+                      KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, False)
+    return b_s, b_k, b_v
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KV_COUNT, KV_INDEX, STATE, MB, KV_LENS,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
@@ -129,15 +147,9 @@ def _attn_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], tl.float32)
     for j in range(0, n_tiles):
-        i_n = tl.load(p_idx + j)
-        state = tl.load(p_state + i_n)
-        o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_k = o_k < Tk
-        b_k = tl.load(p_k0 + o_k[:, None] * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
-        b_v = tl.load(p_v0 + o_k[:, None] * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
-        b_s = _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
-                          kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, False)
+        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, i_m, o_d, Tk,
+                                  qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
+                                  HAS_KVLENS, BLOCK_M, BLOCK_N, PRECISION)  # [BM, BN]
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         # A row with nothing visible so far keeps m = -inf; shift by 0 to avoid (-inf) - (-inf).
         b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -280,15 +292,9 @@ def _attn_bwd_dq_kernel(
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
     for j in range(0, n_tiles):
-        i_n = tl.load(p_idx + j)
-        state = tl.load(p_state + i_n)
-        o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_k = o_k < Tk
-        b_k = tl.load(p_k0 + o_k[:, None] * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
-        b_v = tl.load(p_v0 + o_k[:, None] * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
-        b_s = _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
-                          kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, False)
+        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, i_m, o_d, Tk,
+                                  qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
+                                  HAS_KVLENS, BLOCK_M, BLOCK_N, PRECISION)  # [BM, BN]
         b_p = tl.math.exp2(b_s - b_lse[:, None])  # [BM, BN]
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
         b_ds = b_p * (b_dp - b_delta[:, None])
