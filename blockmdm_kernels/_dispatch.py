@@ -4,6 +4,10 @@ CUDA tensors take the Triton kernels, CPU tensors the CPU path. ``BLOCKMDM_BACKE
 every call, so tests and debugging sessions can flip it) forces one of ``reference``, ``triton``
 or ``cpu``; ``triton`` on CPU tensors runs the kernels under the Triton interpreter, which only
 works when ``TRITON_INTERPRET=1`` was set before triton was imported.
+
+``BLOCKMDM_AUTOTUNE`` (read at every launch) switches Triton autotuning: ``0`` runs one fixed
+config per dtype and head dim (no benchmarking compiles: tests and first runs on a new machine);
+``1`` (the default) tunes over a small space on real GPUs.
 """
 
 import os
@@ -33,3 +37,11 @@ def backend(x: torch.Tensor, forced: str = None) -> str:
 def on_gpu_hardware() -> bool:
     """True when Triton compiles for a real GPU (not the interpreter): autotune only then."""
     return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def autotune() -> bool:
+    """True when Triton kernels may autotune: a real GPU and ``BLOCKMDM_AUTOTUNE`` not 0."""
+    choice = os.environ.get("BLOCKMDM_AUTOTUNE", "1").strip().lower()
+    if choice not in ("0", "1", "off", "on", "false", "true", ""):
+        raise ValueError(f"BLOCKMDM_AUTOTUNE must be 0 or 1, got {choice!r}")
+    return on_gpu_hardware() and choice not in ("0", "off", "false")

@@ -1,0 +1,3 @@
+#include "blockmdm.h"
+
+namespace blockmdm {}  // namespace blockmdm
