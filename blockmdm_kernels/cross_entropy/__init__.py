@@ -104,11 +104,14 @@ def _autocast_dtype(device):
     return torch.get_autocast_dtype(device.type)
 
 
-def _autocast_as(dtype, t):
-    """``t`` as autocast hands it to F.linear: cast to ``dtype`` unless float64 (or None)."""
-    if dtype is None or t is None or t.dtype == torch.float64:
-        return t
-    return t.to(dtype)
+def _autocast_dtype_of(cast, t):
+    """The dtype autocast (``cast``, or None when off) hands F.linear for ``t``: float64 stays."""
+    return t.dtype if cast is None or t.dtype == torch.float64 else cast
+
+
+def _autocast_as(cast, t):
+    """``t`` as autocast hands it to F.linear (None stays None)."""
+    return t if t is None else t.to(_autocast_dtype_of(cast, t))
 
 
 def _no_autocast(device):
@@ -500,15 +503,15 @@ def linear_masked_cross_entropy(hidden, weight, targets, weights=None, *, bias=N
         raise ValueError(f"weight must be [V, {hidden.shape[-1]}] (D of hidden), got shape "
                          f"{tuple(weight.shape)}")
     cast = _autocast_dtype(hidden.device)
-    dtype = _autocast_as(cast, hidden).dtype
-    if _autocast_as(cast, weight).dtype != dtype or weight.device != hidden.device:
+    dtype = _autocast_dtype_of(cast, hidden)
+    if _autocast_dtype_of(cast, weight) != dtype or weight.device != hidden.device:
         raise ValueError(f"weight must have hidden's dtype and device ({hidden.dtype}, "
                          f"{hidden.device}), got {weight.dtype}, {weight.device}")
     if bias is not None:
         _check_float(bias, "bias")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must be [{weight.shape[0]}] (V), got {tuple(bias.shape)}")
-        if _autocast_as(cast, bias).dtype != dtype or bias.device != hidden.device:
+        if _autocast_dtype_of(cast, bias) != dtype or bias.device != hidden.device:
             raise ValueError(f"bias must have hidden's dtype and device ({hidden.dtype}, "
                              f"{hidden.device}), got {bias.dtype}, {bias.device}")
     _check_common(targets, weights, hidden.shape[:-1], hidden.device, reduction, focal_gamma,
