@@ -1,9 +1,10 @@
 """Masked cross-entropy on CPU tensors (and the float64 path on any device), in chunks of rows.
 
-Only the rows to compute come here (the selected rows, or the caller's ``rows``). Each chunk's logits are the one large buffer: the softmax
-gradient is written into it in place and folded into dH / dW / db before the next chunk, so no
-[N, V] tensor ever exists. ``linear_cross_entropy`` and ``cross_entropy_rows`` are the seam where
-a native kernel can take over.
+Only the rows to compute come here (the selected rows, or the caller's ``rows``). Each chunk's
+logits are the one large buffer: the softmax gradient is written into it in place and folded
+into dH / dW / db before the next chunk, so no [N, V] tensor ever exists.
+``linear_cross_entropy`` and ``cross_entropy_rows`` are the seam where a native kernel can take
+over: same arguments, same returns.
 """
 
 import torch

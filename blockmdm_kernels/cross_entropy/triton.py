@@ -221,16 +221,18 @@ def linear_cross_entropy(hidden, rows, weight, bias, y, coef, focal_gamma, z_los
     b = None if bias is None else bias.to(cdt)
     grads = coef is not None
     loss = torch.empty(n, dtype=torch.float32, device=device)
+    f32 = torch.float32
     dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=device) if grads and need_dh else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=device) if grads and need_dw else None
-    db = torch.zeros(V, dtype=torch.float32, device=device) if grads and need_db else None
+    dw = torch.zeros(weight.shape, dtype=f32, device=device) if grads and need_dw else None
+    db = torch.zeros(V, dtype=f32, device=device) if grads and need_db else None
     elements = _chunk_elements(device, torch.finfo(cdt).bits // 8)
     step = rows_per_chunk or _chunk_rows(n, V, elements)
     C = min(step, n)
     buf = torch.empty(C, V, dtype=cdt, device=device)
     # reused per chunk: hidden rows in the matmul dtype, and dH rows on their way to another dtype
-    hbuf = torch.empty(C, hidden.shape[1], dtype=cdt, device=device) if hidden.dtype != cdt else None
-    dbuf = (torch.empty(C, hidden.shape[1], dtype=cdt, device=device)
+    D = hidden.shape[1]
+    hbuf = torch.empty(C, D, dtype=cdt, device=device) if hidden.dtype != cdt else None
+    dbuf = (torch.empty(C, D, dtype=cdt, device=device)
             if dh is not None and (dh.dtype != cdt or rows.shape[0] != hidden.shape[0]) else None)
     acc = None if dw is None else _Accumulator(dw, cdt, elements)
     for s, e, index in row_chunks(rows, hidden.shape[0], step):

@@ -534,9 +534,9 @@ def test_minus_inf_target_and_all_minus_inf_rows(backend, monkeypatch):
     ref = reference.masked_cross_entropy(xr, y, reduction="none")
     assert out[1] == float("inf") and ref[1] == float("inf")
     assert torch.isnan(out[3]) and torch.isnan(ref[3])
-    finite = torch.tensor([True, True, True, False, True])
+    finite = torch.tensor([True, True, True, False, True], device=dev)
     assert_close_rel(out[[0, 2, 4]], ref[[0, 2, 4]], torch.float32)
-    go = torch.where(finite, 1.0, 0.0).to(dev)
+    go = torch.where(finite, 1.0, 0.0)
     (out * go).nansum().backward()
     (ref * go.double()).nansum().backward()
     assert_close_rel(x.grad[finite], xr.grad[finite], torch.float32, "dlogits")
@@ -668,10 +668,11 @@ def test_fp32_accumulation_modes(mode, monkeypatch):
     a [V, D] temporary per chunk."""
     dev = _device("triton")
     half = torch.bfloat16 if dev == "cuda" else torch.float16
-    found = ce_triton._fp32_mm_mode(torch.device(dev), half)
+    device = torch.empty(0, device=dev).device  # with its index, as the launcher sees it
+    found = ce_triton._fp32_mm_mode(device, half)
     if mode and (found == "" or mode == "addmm" and found != "addmm"):
         pytest.skip(f"this torch on {dev} has no {mode} with an fp32 output for {half}")
-    monkeypatch.setitem(ce_triton._FP32_MM_MODE, (str(torch.device(dev)), half), mode)
+    monkeypatch.setitem(ce_triton._FP32_MM_MODE, (str(device), half), mode)
     V, D = 123, 24
     h, W, b = _linear_inputs((37,), D, V, half)
     y, w = _targets((37,), V, "mixed")
