@@ -1,4 +1,11 @@
-"""Masked (linear) cross-entropy: public functions, argument checks and dispatch."""
+"""Masked (linear) cross-entropy: public functions, argument checks and dispatch.
+
+Host syncs: the work of a call is set by the number of rows it computes. With ``rows=`` that
+number is known on the host, and with the target check off (the CUDA default) nothing is read
+back: the selection inside ``rows``, targets made safe to read and the "mean" divisor all stay on
+the device. Without ``rows`` the selected rows come from one nonzero(), the one sync of a call.
+The custom ops' bodies are plain functions (``_linear_forward`` ...) so tests can watch them.
+"""
 
 import os
 from typing import NamedTuple, Optional, Union
