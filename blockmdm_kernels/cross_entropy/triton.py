@@ -17,6 +17,10 @@ from blockmdm_kernels.cross_entropy.cpu import row_chunks
 # bf16, about 2048 rows of a 128k vocabulary; at most 1 Gi elements (2 GiB in bf16).
 CHUNK_ELEMENTS = 1 << 28
 MAX_CHUNK_ELEMENTS = 1 << 30
+# Elements of the scratch buffer that carries dW products to the fp32 accumulator where matmuls
+# cannot write fp32 themselves (256 MiB in fp32): a slice of 16k vocabulary rows at D = 4096 keeps
+# the matmul large, and the buffer stays a small fraction of dW itself.
+SCRATCH_ELEMENTS = 1 << 26
 BLOCK_V = 8192
 
 
@@ -157,12 +161,12 @@ def _fp32_mm_mode(device, dtype) -> str:
 
 class _Accumulator:
     """``acc += a @ b`` for an fp32 ``acc`` [V, D] from products ``a`` [V, C], ``b`` [C, D] that
-    may be half precision, without a [V, D] temporary per call.
+    may be half precision, with no [V, D] temporary.
 
     With addmm's fp32 output the product accumulates in place. Otherwise it goes in slices of
-    rows through one scratch buffer allocated here and reused for every chunk: fp32 when mm can
-    write fp32 (the products stay exact to fp32), else the half dtype (each chunk's product is
-    rounded once before the fp32 sum, which still accumulates in fp32).
+    rows through one scratch buffer of at most ``elements`` elements, allocated here and reused
+    for every chunk: fp32 when mm can write fp32 (the products keep fp32 accuracy), else the half
+    dtype (each chunk's product is rounded once before the sum, which is still fp32).
     """
 
     def __init__(self, acc, dtype, elements):
@@ -234,7 +238,7 @@ def linear_cross_entropy(hidden, rows, weight, bias, y, coef, focal_gamma, z_los
     hbuf = torch.empty(C, D, dtype=cdt, device=device) if hidden.dtype != cdt else None
     dbuf = (torch.empty(C, D, dtype=cdt, device=device)
             if dh is not None and (dh.dtype != cdt or rows.shape[0] != hidden.shape[0]) else None)
-    acc = None if dw is None else _Accumulator(dw, cdt, elements)
+    acc = None if dw is None else _Accumulator(dw, cdt, SCRATCH_ELEMENTS)
     for s, e, index in row_chunks(rows, hidden.shape[0], step):
         if hbuf is None:
             hc = hidden[index]  # [C, D]

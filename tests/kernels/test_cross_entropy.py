@@ -19,10 +19,11 @@ BACKENDS = ["cpu", "triton"]
 
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
-    """A few rows per chunk, so every test crosses chunk boundaries."""
+    """A few rows per chunk (and per scratch slice), so every test crosses their boundaries."""
     monkeypatch.setattr(ce_cpu, "CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(ce_triton, "CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(ce_triton, "MAX_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(ce_triton, "SCRATCH_ELEMENTS", 1000)
 
 
 def _targets(lead, V, selection, ignore_index=-100):
