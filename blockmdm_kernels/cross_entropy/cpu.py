@@ -1,9 +1,10 @@
 """Masked cross-entropy on CPU tensors (and the float64 path on any device), in chunks of rows.
 
-Only the selected rows come here. Each chunk's logits are the one large buffer: the softmax
-gradient is written into it in place and folded into dH / dW / db before the next chunk, so no
-[N, V] tensor ever exists. ``linear_cross_entropy`` and ``cross_entropy_rows`` are the seam where
-a native kernel can take over.
+Only the rows to compute come here (the selected rows, or the caller's ``rows``). Each chunk's
+logits are the one large buffer: the softmax gradient is written into it in place and folded
+into dH / dW / db before the next chunk, so no [N, V] tensor ever exists.
+``linear_cross_entropy`` and ``cross_entropy_rows`` are the seam where a native kernel can take
+over: same arguments, same returns.
 """
 
 import torch
@@ -24,6 +25,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def rows_loss_grad(x, y, coef, focal_gamma, z_loss):
     """Per-row loss of a logits chunk; with ``coef`` also its gradient, written into ``x``.
 
+    A row whose logits are all -inf has lse = -inf and a NaN loss (as ``torch.logsumexp`` gives
+    the reference); a row whose target logit alone is -inf has an infinite loss. A row with
+    ``coef`` 0 gets an all-zero gradient whatever its logits.
+
     Args:
         x: [C, V] float32/float64, owned by the caller (overwritten)
         y: int64 [C], in [0, V)
@@ -33,6 +38,8 @@ def rows_loss_grad(x, y, coef, focal_gamma, z_loss):
     """
     z_y = x.gather(1, y[:, None]).squeeze(1)
     row_max = x.amax(1)
+    # an all -inf row would give exp(-inf - -inf) = NaN in every entry: shift it by 0 instead
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
     x.sub_(row_max[:, None]).exp_()
     total = x.sum(1)
     lse = row_max + total.log()
@@ -50,9 +57,12 @@ def rows_loss_grad(x, y, coef, focal_gamma, z_loss):
         return loss
     c1 = coef if c1 is None else coef * c1
     a = c1 + coef * (2 * z_loss) * lse if z_loss > 0 else c1
-    # x holds exp(x - max); p * a = x * (a / total)
-    x.mul_((a / total)[:, None])
-    x.scatter_add_(1, y[:, None], -c1[:, None])
+    # x holds exp(x - max); p * a = x * (a / total). Rows with coef 0 (in ``rows`` but not
+    # selected) must contribute exact zeros even when their statistics are not finite.
+    live = coef != 0
+    zero = torch.zeros_like(a)
+    x.mul_(torch.where(live, a / total, zero)[:, None])
+    x.scatter_add_(1, y[:, None], -torch.where(live, c1, zero)[:, None])
     return loss
 
 
@@ -66,21 +76,25 @@ def row_chunks(rows, n_total, step):
 
 
 def linear_cross_entropy(hidden, rows, weight, bias, y, coef, focal_gamma, z_loss, need_dh,
-                         need_dw, need_db, rows_per_chunk=None):
+                         need_dw, need_db, matmul_dtype=None, rows_per_chunk=None):
     """Row losses and (when ``coef`` is given) gradients of ``hidden[rows] @ weight.T + bias``.
 
     Args:
         hidden: [N, D]
-        rows: int64 [n] selected rows, ascending
+        rows: int64 [n] rows to compute, ascending
         weight: [V, D]
         bias: [V] or None
-        y: int64 [n] targets of the selected rows
+        y: int64 [n] targets of those rows, in [0, V)
         coef: [n] d loss / d row loss, or None for the loss only
+        matmul_dtype: the autocast dtype or None. Accepted for the shared contract and unused:
+            this path computes in float32 (float64 for float64 inputs) from the tensors as given,
+            which is at least as accurate as rounding them to a half type first.
     Returns:
         loss [n] (compute dtype), dh [N, D] (zero outside ``rows``) or None, dw [V, D] or None,
-        db [V] or None (gradients in the input dtypes).
+        db [V] or None; each gradient in the dtype of its input (an fp32 weight gets an fp32
+        dW accumulated in fp32).
     """
-    ct = compute_dtype(hidden.dtype)
+    ct = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
     n, V = rows.shape[0], weight.shape[0]
     w = weight.to(ct)
     b = None if bias is None else bias.to(ct)
@@ -122,8 +136,8 @@ def cross_entropy_rows(logits, rows, y, coef, focal_gamma, z_loss, rows_per_chun
 
     Args:
         logits: [N, V]
-        rows: int64 [n] selected row indices
-        y: int64 [n]
+        rows: int64 [n] rows to compute, ascending and distinct
+        y: int64 [n], in [0, V)
         coef: [n] or None
     Returns:
         loss [n] (compute dtype), grad [N, V] (zero outside ``rows``) or None.

@@ -51,6 +51,8 @@ def masked_cross_entropy(logits, targets, weights=None, *, ignore_index=-100, re
     w = None if weights is None else weights.reshape(-1).to(dtype)
     keep = selected(targets, w, ignore_index)
     safe_targets = torch.where(keep, targets, torch.zeros_like(targets))
+    # unselected rows are read as zeros, so whatever they hold (-inf, say) their gradient is 0
+    logits = torch.where(keep[:, None], logits, torch.zeros_like(logits))
     loss = row_losses(logits, safe_targets, focal_gamma, z_loss)
     if w is not None:
         loss = loss * w
