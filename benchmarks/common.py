@@ -156,9 +156,11 @@ def peak_memory(fn, device: str) -> int:
 
 
 def environment(device: str) -> dict:
-    """Machine, versions, commit and date for a report header."""
+    """Machine, versions, commit and date for a report header. ``BLOCKMDM_COMMIT`` names the
+    commit where the source tree has no git metadata."""
+    commit = os.environ.get("BLOCKMDM_COMMIT")
     try:
-        commit = subprocess.run(
+        commit = commit or subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
             cwd=Path(__file__).parent, check=False,
         ).stdout.strip() or "unknown"
