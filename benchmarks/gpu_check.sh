@@ -188,9 +188,14 @@ start() {
     record "$name" "skipped (no time left)" 0 "$limit" ""
     return
   fi
-  t0_of[$name]=$SECONDS
+  t0_of[$name]=$(date +%s)
   limit_of[$name]=$limit
-  timeout --kill-after=10 "$limit" "$@" >"$work/logs/$name.log" 2>&1 &
+  {
+    timeout --kill-after=10 "$limit" "$@" >"$work/logs/$name.log" 2>&1
+    local rc=$?
+    date +%s >"$work/logs/$name.end"
+    exit $rc
+  } &
   pid_of[$name]=$!
   started=1
 }
@@ -200,7 +205,7 @@ finish() {
   local name=$1 kind=$2 rc result state
   wait "${pid_of[$name]}"
   rc=$?
-  local took=$((SECONDS - t0_of[$name]))
+  local took=$(($(cat "$work/logs/$name.end" 2>/dev/null || date +%s) - t0_of[$name]))
   {
     echo "===== $name: exit $rc after $took s ====="
     cat "$work/logs/$name.log"

@@ -29,6 +29,9 @@ def test_autotune_switch_on_gpu_hardware(env, expected, monkeypatch):
     assert _dispatch.autotune() is expected
 
 
+# Lanes past V hold -inf; the interpreter evaluates -inf - -inf in lanes whose result the kernel
+# then discards, and numpy warns about it.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
 @pytest.mark.parametrize("env", ["0", "1"])
 def test_launcher_asks_the_switch(env, monkeypatch):
     asked = []
