@@ -258,7 +258,7 @@ done
 for name in "${test_names[@]}"; do finish "$name" tests; done
 
 # Benchmarks, one at a time (they time the device), with the default small autotune space.
-benches=("attention|95|torch triton" "cross_entropy|40|torch triton" "denoise|50|torch triton"
+benches=("attention|110|torch triton" "cross_entropy|40|torch triton" "denoise|50|torch triton"
   "decode|50|torch triton numpy pytest")
 [ -f benchmarks/bench_train_step.py ] && benches+=("train_step|50|torch triton numpy")
 for entry in "${benches[@]}"; do
