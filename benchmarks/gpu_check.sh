@@ -119,6 +119,8 @@ write_report() {
     done
     echo
     echo "- elapsed: $SECONDS s of a $budget s budget"
+    echo "- tests with BLOCKMDM_AUTOTUNE=0 (one config per kernel variant), benchmarks with"
+    echo "  BLOCKMDM_AUTOTUNE=1 (the small autotune space)"
     echo
     echo "hypothesis, pytest_benchmark, matplotlib and tqdm are not needed by this check (the"
     echo "full test suite, the pytest-benchmark functions, plots and progress bars use them)."
@@ -257,14 +259,14 @@ for shard in "${shards[@]}"; do
 done
 for name in "${test_names[@]}"; do finish "$name" tests; done
 
-# Benchmarks, one at a time (they time the device), with the default small autotune space.
+# Benchmarks, one at a time (they time the device), with the small autotune space.
 benches=("attention|110|torch triton" "cross_entropy|40|torch triton" "denoise|50|torch triton"
   "decode|50|torch triton numpy pytest")
 [ -f benchmarks/bench_train_step.py ] && benches+=("train_step|50|torch triton numpy")
 for entry in "${benches[@]}"; do
   IFS='|' read -r bench limit needs <<<"$entry"
-  start "bench_$bench" "$limit" "$needs" "$py" benchmarks/bench_$bench.py --device "$device" \
-    "${size[@]}" --out "$work/parts"
+  start "bench_$bench" "$limit" "$needs" env BLOCKMDM_AUTOTUNE=1 "$py" \
+    benchmarks/bench_$bench.py --device "$device" "${size[@]}" --out "$work/parts"
   [ "$started" = 1 ] && finish "bench_$bench" "bench:$bench"
 done
 
