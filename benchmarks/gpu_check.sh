@@ -238,12 +238,13 @@ write_report
 
 # Tests: only those that run on CUDA tensors (the Triton backend and the cuda marker; the CPU
 # paths are covered by the CPU suite), without autotuning (one compile per kernel variant), in
-# four parallel shards so the cold compiles use several cores.
+# five parallel shards so the cold compiles use several cores.
 bf16_cases="causal_gqa or causal_decode or full_kvlens_TqTk or block_causal_b3_prefix"
 bf16_cases="$bf16_cases or scatter_b16_prefix_mqa or jigsaw_b16_kvlens or bd3_b64_prefix_blind"
 # Each shard: name|files|selection|token selection (dry runs and CPU).
 shards=(
-  "tests-attention-fp32|tests/kernels/test_attention.py|triton_fp32 or mask_changed_in_place|full_T1"
+  "tests-attention-fp32-a|tests/kernels/test_attention.py|triton_fp32 and (full or causal)|full_T1"
+  "tests-attention-fp32-b|tests/kernels/test_attention.py|(triton_fp32 and not (full or causal)) or mask_changed_in_place|mask_changed_in_place and cpu"
   "tests-attention-bf16-fp16|tests/kernels/test_attention.py|(bf16_cuda and ($bf16_cases)) or triton_fp16|bf16_cuda and full_kvlens"
   "tests-cross-entropy|tests/kernels/test_cross_entropy.py|triton or cuda|large_logits and fp16"
   "tests-denoise|tests/kernels/test_denoise.py tests/kernels/test_denoise_autotune.py|triton or cuda or autotune|row_kernel"

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 BENCHES = ["attention", "cross_entropy", "denoise", "decode"] + (
     ["train_step"] if (ROOT / "benchmarks" / "bench_train_step.py").exists() else [])
-STEPS = ["tests-attention-fp32", "tests-attention-bf16-fp16", "tests-cross-entropy",
-         "tests-denoise"] + [f"bench_{b}" for b in BENCHES]
+STEPS = ["tests-attention-fp32-a", "tests-attention-fp32-b", "tests-attention-bf16-fp16",
+         "tests-cross-entropy", "tests-denoise"] + [f"bench_{b}" for b in BENCHES]
 
 
 def _run(out, extra_env, *args):
