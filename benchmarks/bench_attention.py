@@ -1,13 +1,17 @@
 """block_attention against torch SDPA (dense boolean mask; is_causal for causal; no mask for full)
-and compiled FlexAttention with the same mask, forward and forward+backward, every family.
+and compiled FlexAttention with the same mask, forward and forward+backward, every family; then
+jigsaw with a fresh mask spec per call against one cached spec.
 
     python benchmarks/bench_attention.py [--device cpu|cuda] [--quick] [--out DIR]
 
 Effective TFLOP/s count visible (query, key) pairs only: 4·B·H·D·pairs forward, 3.5x that for
-forward+backward, the same numerator for every implementation. As a pytest-benchmark module it
-times small shapes.
+forward+backward, the same numerator for every implementation. Jigsaw draws new masked blocks
+every training step, so its rows build the mask each call from the next of a pool of masks drawn
+beforehand (the random draw is not timed): our spec and its tile map, SDPA's dense mask,
+FlexAttention's block mask. As a pytest-benchmark module it times small shapes.
 """
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -18,41 +22,85 @@ if __name__ == "__main__":
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 import blockmdm_kernels as bk  # noqa: E402
-from benchmarks.common import arg_parser, bench, parse_args, sync, write_report  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Report,
+    arg_parser,
+    bench,
+    bench_interleaved,
+    parse_args,
+    sync,
+)
 from blockmdm_kernels import masks  # noqa: E402
 
 CONFIGS = {
     "cpu": dict(B=1, H=8, D=64, T=2048, block=64, dtype=torch.float32),
     "cuda": dict(B=4, H=16, D=128, T=8192, block=128, dtype=torch.bfloat16),
     "quick": dict(B=1, H=2, D=32, T=256, block=16, dtype=torch.float32),
+    "smoke": dict(B=1, H=1, D=16, T=64, block=16, dtype=torch.float32),
 }
+
+# The jigsaw fresh-vs-cached pair: the shape of the target (fresh within 2 % of cached on CPU).
+JIGSAW_PAIR = {
+    "cpu": dict(B=16, H=4, D=32, T=2048, block=64, dtype=torch.float32),
+    "cuda": dict(B=16, H=4, D=32, T=2048, block=64, dtype=torch.bfloat16),
+    "quick": dict(B=2, H=2, D=32, T=256, block=16, dtype=torch.float32),
+    "smoke": dict(B=1, H=1, D=16, T=64, block=16, dtype=torch.float32),
+}
+
+# Masks drawn per jigsaw row: enough that no spec or tile map is ever reused between calls.
+POOL = 8
+
+
+class MaskPool:
+    """``POOL`` masked_blocks [B, n_blocks] drawn up front; :meth:`next` cycles through them."""
+
+    def __init__(self, B: int, T: int, block: int, device, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        n_blocks = -(-T // block)
+        self.masks = [(torch.rand(B, n_blocks, generator=g) < 0.5).to(device)
+                      for _ in range(POOL)]
+        self._cycle = itertools.cycle(self.masks)
+
+    def next(self) -> torch.Tensor:
+        return next(self._cycle)
 
 
 def families(B: int, T: int, block: int, device):
-    """(name, spec) for every family at Tq = Tk = T; bd3 runs over [x_t | x_0], halves T / 2."""
-    n_blocks = -(-T // block)
-    masked = torch.Generator().manual_seed(0)
-    masked_blocks = (torch.rand(B, n_blocks, generator=masked) < 0.5).to(device)
+    """(name, spec or MaskPool) for every family at Tq = Tk = T; bd3 runs over [x_t | x_0],
+    halves T / 2. Jigsaw gets a pool of masks, one per call."""
     return [
         ("full", masks.full()),
         ("causal", masks.causal()),
         (f"block_causal({block})", masks.block_causal(block)),
         (f"scatter({block})", masks.scatter(block)),
-        (f"jigsaw({block})", masks.jigsaw(block, masked_blocks)),
+        (f"jigsaw({block}) fresh", MaskPool(B, T, block, device)),
         (f"bd3({block}) 2x{T // 2}", masks.bd3(block, seq_len=T // 2)),
     ]
 
 
-def visible_pairs(spec, B: int, T: int, device) -> int:
+def visible_pairs(spec, B: int, T: int, device) -> float:
     dense = spec.dense(T, T, device)
-    return int(dense.sum()) * (B if dense.shape[0] == 1 else 1)
+    return float(dense.sum()) * (B if dense.shape[0] == 1 else 1)
 
 
-def _ours(q, k, v, spec):
+def pool_pairs(pool: MaskPool, block: int, B: int, T: int, device) -> float:
+    """Mean visible pairs over the pool's masks."""
+    total = sum(visible_pairs(masks.jigsaw(block, mb), B, T, device) for mb in pool.masks)
+    return total / len(pool.masks)
+
+
+def _ours(q, k, v, spec, block):
+    if isinstance(spec, MaskPool):
+        return lambda: bk.block_attention(q, k, v, masks.jigsaw(block, spec.next()))
     return lambda: bk.block_attention(q, k, v, spec)
 
 
-def _sdpa(q, k, v, spec, T, device):
+def _sdpa(q, k, v, spec, block, T, device):
+    if isinstance(spec, MaskPool):
+        def fresh():
+            dense = masks.jigsaw(block, spec.next()).dense(T, T, device)[:, None]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        return fresh
     if spec.kind == "full":
         return lambda: F.scaled_dot_product_attention(q, k, v)
     if spec.kind == "causal":
@@ -61,12 +109,22 @@ def _sdpa(q, k, v, spec, T, device):
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
 
 
-def _flex(q, k, v, spec, T, device):
+def _flex(q, k, v, spec, block, B, T, device):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = _flex_compiled(flex_attention)
-    batch = spec.batch_size
-    block_mask = create_block_mask(spec.mask_mod, batch, None, T, T, device=device)
+    if isinstance(spec, MaskPool):
+        # One mask_mod over a buffer refilled in place (a new mask_mod function would make
+        # torch.compile recompile); the block mask is rebuilt for each new mask.
+        buf = spec.masks[0].clone()
+        mask_mod = masks.jigsaw(block, buf).mask_mod
+
+        def fresh():
+            buf.copy_(spec.next())
+            block_mask = create_block_mask(mask_mod, B, None, T, T, device=device)
+            return flex(q, k, v, block_mask=block_mask)
+        return fresh
+    block_mask = create_block_mask(spec.mask_mod, spec.batch_size, None, T, T, device=device)
     return lambda: flex(q, k, v, block_mask=block_mask)
 
 
@@ -95,54 +153,87 @@ def _picked(name: str, families) -> bool:
     return not families or any(name.startswith(f) for f in families)
 
 
-def run(device: str, quick: bool, flex=(), only=()) -> list:
-    """Rows of the report. ``flex``: families timed with FlexAttention (None: none, empty: all);
-    ``only``: families to run (empty: all)."""
-    cfg = CONFIGS["quick" if quick else device]
-    B, H, D, T, dtype = cfg["B"], cfg["H"], cfg["D"], cfg["T"], cfg["dtype"]
+def _inputs(B, T, H, D, dtype, device):
+    """q, k, v, do [B, T, H, D] for us; the same transposed to [B, H, T, D] for SDPA / flex."""
+    q, k, v, do = (torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(4))
+    qh, kh, vh, doh = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))
+    for x in (q, k, v, qh, kh, vh):
+        x.requires_grad_(True)
+    return (q, k, v, do), (qh, kh, vh, doh)
+
+
+def _raise_recompile_limit():
     # Each family's mask_mod is a new function: FlexAttention recompiles once per family.
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") \
-        else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-    rows = []
-    for name, spec in families(B, T, cfg["block"], device):
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))
+
+
+def run(device: str, size: str, report: Report, flex=(), only=()) -> list:
+    """Adds the rows of the main table to ``report``. ``flex``: families timed with
+    FlexAttention (None: none, empty: all); ``only``: families to run (empty: all)."""
+    cfg = CONFIGS[size]
+    B, H, D, T, dtype, block = (cfg[k] for k in ("B", "H", "D", "T", "dtype", "block"))
+    _raise_recompile_limit()
+    for name, spec in families(B, T, block, device):
         if not _picked(name, only):
             continue
-        pairs = visible_pairs(spec, B, T, device)
+        pairs = (pool_pairs(spec, block, B, T, device) if isinstance(spec, MaskPool)
+                 else visible_pairs(spec, B, T, device))
         flops = 4 * B * H * D * pairs
-        q, k, v, do = (torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(4))
-        qh, kh, vh, doh = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))
-        for x in (q, k, v, qh, kh, vh):
-            x.requires_grad_(True)
-        impls = {"ours": (_ours(q, k, v, spec), (q, k, v), do),
-                 "sdpa": (_sdpa(qh, kh, vh, spec, T, device), (qh, kh, vh), doh)}
-        with_flex = flex is not None and _picked(name, flex)
-        if with_flex:
+        (q, k, v, do), (qh, kh, vh, doh) = _inputs(B, T, H, D, dtype, device)
+        impls = {"ours": (_ours(q, k, v, spec, block), (q, k, v), do),
+                 "sdpa": (_sdpa(qh, kh, vh, spec, block, T, device), (qh, kh, vh), doh)}
+        if flex is not None and _picked(name, flex):
             # FlexAttention has no CPU backward and refuses CPU inputs that require grad.
             fq, fk, fv = (x.detach() for x in (qh, kh, vh)) if device == "cpu" else (qh, kh, vh)
-            impls["flex"] = (_flex(fq, fk, fv, spec, T, device), (fq, fk, fv), doh)
+            impls["flex"] = (_flex(fq, fk, fv, spec, block, B, T, device), (fq, fk, fv), doh)
         columns = ["ours", "sdpa"] + ([] if flex is None else ["flex"])
         for label, factor in (("fwd", 1.0), ("fwd+bwd", 3.5)):
             row = {"family": name, "pass": label, "T": T, "visible %": 100.0 * pairs / (B * T * T)}
             ms = {}
             for impl in columns:
                 if impl not in impls or (impl == "flex" and device == "cpu" and label != "fwd"):
-                    row[f"{impl} ms"] = row[f"{impl} TFLOP/s"] = "n/a"
+                    row[f"{impl} median ms"] = row[f"{impl} TFLOP/s"] = "n/a"
                     continue
                 fn, inputs, grad = impls[impl]
                 step = fn if label == "fwd" else _with_backward(fn, inputs, grad)
                 with torch.no_grad() if label == "fwd" else torch.enable_grad():
                     ms[impl] = bench(step, device)
                 sync(device)
-                row[f"{impl} ms"] = ms[impl]
+                row[f"{impl} median ms"] = ms[impl]
                 row[f"{impl} TFLOP/s"] = flops * factor / (ms[impl] * 1e-3) / 1e12
             for impl in columns:
                 if impl != "ours":
                     row[f"x vs {impl}"] = ms[impl] / ms["ours"] if impl in ms else "n/a"
-            rows.append(row)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
-                  flush=True)
-    return rows
+            report.add(row)
+
+
+def run_jigsaw_pair(device: str, size: str, report: Report, rounds: int = 9) -> float:
+    """Forward+backward of jigsaw with a fresh spec per call (new masked_blocks, as training
+    draws them) and with one cached spec; adds both rows and returns fresh ms / cached ms."""
+    cfg = JIGSAW_PAIR[size]
+    B, H, D, T, dtype, block = (cfg[k] for k in ("B", "H", "D", "T", "dtype", "block"))
+    pool = MaskPool(B, T, block, device, seed=1)
+    cached = masks.jigsaw(block, pool.masks[0])
+    (q, k, v, do), _ = _inputs(B, T, H, D, dtype, device)
+    fns = {
+        "fresh": _with_backward(_ours(q, k, v, pool, block), (q, k, v), do),
+        "cached": _with_backward(_ours(q, k, v, cached, block), (q, k, v), do),
+    }
+    ms = bench_interleaved(fns, device, rounds)
+    ratio = ms["fresh"] / ms["cached"]
+    pairs = {"fresh": pool_pairs(pool, block, B, T, device),
+             "cached": visible_pairs(cached, B, T, device)}
+    for name, label in (("fresh", "fresh spec per call"), ("cached", "one cached spec")):
+        report.add({
+            "case": f"jigsaw({block}), {label}", "pass": "fwd+bwd", "B": B, "H": H, "T": T,
+            "D": D, "dtype": str(dtype).replace("torch.", ""), "median ms": ms[name],
+            "TFLOP/s": 4 * B * H * D * pairs[name] * 3.5 / (ms[name] * 1e-3) / 1e12,
+            "fresh / cached": ratio,
+        })
+    print(f"jigsaw fresh / cached: {ratio:.3f} ({100 * (ratio - 1):+.1f} %)", flush=True)
+    return ratio
 
 
 def main(argv=None):
@@ -154,12 +245,12 @@ def main(argv=None):
     parser.add_argument("--families", default="",
                         help="comma-separated family names to run (default: all)")
     args = parse_args(parser, argv)
-    cfg = CONFIGS["quick" if args.quick else args.device]
+    size = "smoke" if args.smoke else "quick" if args.quick else args.device
+    cfg = CONFIGS[size]
     flex_families = args.flex_families
     if flex_families is None:
         flex_families = "block_causal,bd3" if args.device == "cuda" and not args.quick else ""
-    flex = None if args.no_flex else _names(flex_families)
-    rows = run(args.device, args.quick, flex=flex, only=_names(args.families))
+    flex = None if args.no_flex or args.smoke else _names(flex_families)
     notes = (
         f"B={cfg['B']}, H={cfg['H']}, D={cfg['D']}, T={cfg['T']} (bd3: [x_t | x_0], "
         f"2x{cfg['T'] // 2}), {str(cfg['dtype']).replace('torch.', '')}, no GQA, "
@@ -167,19 +258,40 @@ def main(argv=None):
         "ours: bk.block_attention (Triton on CUDA, the tile-skipping CPU path on CPU). "
         "sdpa: F.scaled_dot_product_attention with the dense bool mask (is_causal for causal, no "
         "mask for full). flex: torch.compile(flex_attention) with create_block_mask(spec.mask_mod)."
-        " TFLOP/s count visible pairs only (4*B*H*D*pairs forward, x3.5 for forward+backward); "
-        "'x vs' is baseline ms / ours ms (> 1: ours is faster)."
+        " Times are medians (CUDA: triton.testing.do_bench, return_mode=\"median\"; CPU: median "
+        "of at least 3 timed calls after a warm-up). TFLOP/s count visible pairs only "
+        "(4*B*H*D*pairs forward, x3.5 for forward+backward); 'x vs' is baseline ms / ours ms "
+        "(> 1: ours is faster). jigsaw fresh: each call takes the next of "
+        f"{POOL} masked_blocks drawn beforehand (p = 0.5 per block) and builds what the "
+        "implementation needs from it inside the timing: our spec (and its tile map), SDPA's "
+        "dense mask, flex's block mask (one mask_mod over a buffer refilled in place); "
+        "'visible %' is the pool's mean."
     )
     if flex is None:
-        notes += " FlexAttention skipped (--no-flex)."
+        notes += " FlexAttention skipped."
     else:
         if flex:
             notes += f" FlexAttention timed for {', '.join(flex)} only (n/a elsewhere)."
         if args.device == "cpu":
             notes += (" FlexAttention has no CPU backward (torch raises NotImplementedError), so "
                       "its forward+backward cells are n/a on CPU.")
-    write_report("attention", "block_attention vs SDPA and FlexAttention", rows, args.device,
-                 notes, args.out)
+    report = Report("attention", "block_attention vs SDPA and FlexAttention", args.device,
+                    notes, args.out)
+    run(args.device, size, report, flex=flex, only=_names(args.families))
+    report.close()
+
+    pair = JIGSAW_PAIR[size]
+    pair_report = Report(
+        "attention_jigsaw_fresh", "Jigsaw attention: a fresh mask spec per call vs one cached "
+        "spec", args.device,
+        f"bk.block_attention forward+backward, jigsaw({pair['block']}), B={pair['B']}, "
+        f"H={pair['H']}, T={pair['T']}, D={pair['D']}. fresh: a new masks.jigsaw spec each call "
+        f"from the next of {POOL} masked_blocks drawn beforehand, so its tile map is computed "
+        "inside the timing, as in training; cached: one spec whose tile map is computed once. "
+        "Median ms (CPU: the two interleaved, one call each per round, median over 9 rounds). "
+        "Target: fresh / cached <= 1.02 on CPU.", args.out)
+    ratio = run_jigsaw_pair(args.device, size, pair_report)
+    pair_report.close(f"fresh / cached = {ratio:.3f} ({100 * (ratio - 1):+.1f} %).")
 
 
 def _small(device="cpu"):
@@ -211,6 +323,12 @@ def test_sdpa_dense_mask_fwd(benchmark):
     dense = spec.dense(256, 256)[:, None]
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     benchmark(F.scaled_dot_product_attention, qh, kh, vh, attn_mask=dense)
+
+
+def test_jigsaw_fresh_spec_fwd_bwd(benchmark):
+    pool = MaskPool(2, 256, 16, "cpu")
+    (q, k, v, do), _ = _inputs(2, 256, 2, 32, torch.float32, "cpu")
+    benchmark(_with_backward(_ours(q, k, v, pool, 16), (q, k, v), do))
 
 
 if __name__ == "__main__":

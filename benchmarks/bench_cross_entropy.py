@@ -11,7 +11,6 @@ ignore_index (it has no per-row weights). Peak memory is what ``benchmarks.commo
 reports beyond the inputs. As a pytest-benchmark module it times small shapes.
 """
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +21,13 @@ if __name__ == "__main__":
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 import blockmdm_kernels as bk  # noqa: E402
-from benchmarks.common import arg_parser, bench, parse_args, peak_memory, write_report  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Report,
+    arg_parser,
+    bench_interleaved,
+    parse_args,
+    peak_memory,
+)
 
 FRACTIONS = (0.15, 0.5, 1.0)
 
@@ -31,6 +36,7 @@ CONFIGS = {
     "cuda": (32768, 4096, 128256, torch.bfloat16),
     "cpu": (4096, 1024, 32000, torch.float32),
     "quick": (512, 256, 4000, torch.float32),
+    "smoke": (64, 32, 100, torch.float32),
 }
 
 
@@ -95,56 +101,46 @@ def measure(N, D, V, dtype, device, fraction, rounds, base):
     if has_torch_linear_ce():
         methods.append(("torch linear_ce (b)", torch_linear_ce_fn))
     fns = {name: make_fn(*inputs) for name, make_fn in methods}
-    if device == "cuda":
-        times = {name: [bench(fn, device)] for name, fn in fns.items()}
-    else:
-        # one call per method per round, interleaved, so a change in the load of the shared
-        # machine hits every method alike; the median over rounds is reported
-        times = {name: [] for name in fns}
-        for fn in fns.values():
-            fn()
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                times[name].append(bench(fn, device, warmup=0, rep=1, min_time=0.0))
+    ms = bench_interleaved(fns, device, rounds)
     for name, fn in fns.items():
-        row[f"{name} ms"] = statistics.median(times[name])
+        row[f"{name} median ms"] = ms[name]
         row[f"{name} peak MB"] = peak_memory(fn, device) / 2**20
-    row["speed-up vs (a)"] = row["torch (a) ms"] / row["ours ms"]
+    row["speed-up vs (a)"] = row["torch (a) median ms"] / row["ours median ms"]
     row["memory / (a)"] = row["ours peak MB"] / row["torch (a) peak MB"]
     if has_torch_linear_ce():
-        row["speed-up vs (b)"] = row["torch linear_ce (b) ms"] / row["ours ms"]
+        row["speed-up vs (b)"] = row["torch linear_ce (b) median ms"] / row["ours median ms"]
     return row
 
 
-def run(device: str, quick: bool):
-    N, D, V, dtype = CONFIGS["quick" if quick else device]
-    rounds = 5 if quick else 3
+def run(device: str, size: str, report: Report):
+    N, D, V, dtype = CONFIGS[size]
+    rounds = 5
     base = make(N, D, V, dtype, device, 1.0)[:3]
-    rows = []
-    for fraction in FRACTIONS:
-        rows.append(measure(N, D, V, dtype, device, fraction, rounds, base))
-        print(rows[-1], flush=True)
-    return rows
+    for fraction in FRACTIONS[-1:] if size == "smoke" else FRACTIONS:
+        report.add(measure(N, D, V, dtype, device, fraction, rounds, base))
 
 
 def main(argv=None):
     args = parse_args(arg_parser(__doc__), argv)
-    rows = run(args.device, args.quick)
+    size = "smoke" if args.smoke else "quick" if args.quick else args.device
     notes = (
         "ours = `bk.linear_masked_cross_entropy(hidden, weight, targets, weights)`, reduction "
         "mean; (a) = `F.linear` + `F.cross_entropy(reduction=\"none\") * weights`, summed and "
         "divided by the selected count; (b) = `F.linear_cross_entropy(..., "
         "options=LinearCrossEntropyOptions())` with unselected rows as ignore_index. Times are "
-        "forward + backward (grads of hidden and weight), median ms (CPU: median of 3 rounds, "
-        "each timing every method once, interleaved, after one warm-up call); peak MB is "
+        "forward + backward (grads of hidden and weight), median ms (CUDA: "
+        "triton.testing.do_bench, return_mode=\"median\"; CPU: median of 5 rounds, each timing "
+        "every method once, interleaved, after one warm-up call); peak MB is "
         "`benchmarks.common.peak_memory` (CUDA: allocator peak beyond the inputs; CPU: the "
         "running sum of the profiler's raw alloc/free events, each counted once)."
     )
     if not has_torch_linear_ce():
         notes += (f"\n\ntorch {torch.__version__} has no "
                   "`torch.nn.functional.linear_cross_entropy`: column (b) is left out.")
-    write_report("cross_entropy", "Masked linear cross-entropy: forward + backward", rows,
-                 args.device, notes, args.out)
+    report = Report("cross_entropy", "Masked linear cross-entropy: forward + backward",
+                    args.device, notes, args.out)
+    run(args.device, size, report)
+    report.close()
 
 
 def test_linear_masked_cross_entropy(benchmark):

@@ -24,10 +24,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python")]  # run as a script from anywher
 from blockmdm.decode import decode  # noqa: E402
 from blockmdm.model import ModelConfig, Transformer  # noqa: E402
 
-from benchmarks.common import arg_parser, bench, device_name, parse_args, write_report  # noqa: E402
+from benchmarks.common import Report, arg_parser, bench, device_name, parse_args  # noqa: E402
 
 # (preset, vocab, batch, prompt, length, block size)
 SHAPES = {
+    "smoke": ("tiny", 64, 1, 4, 8, 4),
     "quick": ("tiny", 128, 2, 8, 16, 4),
     "cpu": ("tiny", 512, 8, 32, 64, 16),
     "cuda": ("small", 2048, 32, 64, 128, 32),
@@ -78,27 +79,26 @@ def run(model, prompt, length, block_size, kw):
     return decode(model, prompt, length, generator=gen, **kw)
 
 
-def measure(shape: str, device: str) -> list[dict]:
+def measure(shape: str, device: str, report: Report) -> None:
     model, prompt, L, bs = setup(shape, device)
     B = prompt.shape[0]
-    rows, base = [], None
+    base = None
     for name, kw in strategies(L):
         out = run(model, prompt, L, bs, kw)
         ms = bench(lambda kw=kw: run(model, prompt, L, bs, kw), device, warmup=1, rep=5,
                    min_time=0.0)
         tps = B * L / (ms / 1e3)
         base = base or (tps, out.nfe)
-        rows.append({
+        report.add({
             "strategy": name,
             "nfe": out.nfe,
             "tokens/call": round(out.tokens_per_forward, 2),
             "positions sent/sample": out.forward_tokens,
-            "ms": ms,
+            "median ms": ms,
             "tokens/s": tps,
             "speed vs ar": tps / base[0],
             "calls vs ar": out.nfe / base[1],
         })
-    return rows
 
 
 @pytest.mark.parametrize("name", [name for name, _ in strategies(SHAPES["quick"][4])])
@@ -112,13 +112,12 @@ def test_decode(benchmark, name):
 
 def main(argv=None):
     args = parse_args(arg_parser(__doc__), argv)
-    shape = "quick" if args.quick else ("cuda" if args.device == "cuda" else "cpu")
+    shape = "smoke" if args.smoke else "quick" if args.quick else args.device
     preset, vocab, B, P, L, bs = SHAPES[shape]
     if args.device == "cpu" and not args.threads:
         # The CPU machines are shared: with other jobs running, two intra-op threads timed
         # 10-100x slower and far noisier than one.
         torch.set_num_threads(1)
-    rows = measure(shape, args.device)
     notes = (
         f"Toy Transformer (`{preset}` preset, vocab {vocab}, random weights, peaked head), "
         f"batch {B}, prompt {P}, {L} tokens decoded, block size {bs} "
@@ -126,15 +125,17 @@ def main(argv=None):
         f"{device_name(args.device)}). "
         "nfe: model calls per decode (each covers the batch); tokens/call: tokens committed per "
         "sample per call; positions sent/sample: sequence positions sent to the model per sample "
-        "over all calls (what a KV cache saves); ms: one whole decode of the batch; speed vs ar: "
-        "tokens/s over that of `ar` (KV cache, one token per call); calls vs ar: nfe over L. "
+        "over all calls (what a KV cache saves); median ms: one whole decode of the batch "
+        "(median of 5 timed decodes after a warm-up); speed vs ar: tokens/s over that of `ar` "
+        "(KV cache, one token per call); calls vs ar: nfe over L. "
         "Attention is the strategy's default (ar: causal; confidence, threshold, ddpm: full; "
         "first_hitting: block_causal with the KV cache; jigsaw: jigsaw; scatter: scatter) "
         f"unless the row names `block_causal` (KV cache unless `no cache`). confidence: {L // 2} "
         f"steps (2 tokens per call); ddpm: {L} steps, temperature 1; threshold: 0.9."
     )
-    write_report("decode", "Decoding strategies vs AR decoding", rows, args.device, notes,
-                 out_dir=args.out)
+    report = Report("decode", "Decoding strategies vs AR decoding", args.device, notes, args.out)
+    measure(shape, args.device, report)
+    report.close()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,13 @@ if __name__ == "__main__":
     sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 import blockmdm_kernels as bk  # noqa: E402
-from benchmarks.common import arg_parser, bench, parse_args, peak_memory, write_report  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Report,
+    arg_parser,
+    bench,
+    parse_args,
+    peak_memory,
+)
 
 K = 4
 
@@ -34,6 +40,7 @@ CONFIGS = {
             (32000, 1, 1024, 0.0), (128256, 8, 32, 0.0), (128256, 1, 256, 0.0),
             (32000, 16, 32, 1.0)],
     "quick": [(128, 4, 32, 0.0), (1000, 2, 64, 0.0), (1000, 2, 16, 1.0)],
+    "smoke": [(128, 2, 16, 0.0), (128, 2, 16, 1.0)],
 }
 
 
@@ -57,8 +64,10 @@ def plain_step(logits, tokens, active, k, temperature=0.0):
 
 
 def make(V, B, T, dtype, device, seed=0):
+    # drawn on the device: a host draw of a [64, 32, 128256] tensor takes seconds
+    g_dev = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g_dev, device=device).mul_(3).to(dtype)
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(B, T, V, generator=g).mul_(3).to(device=device, dtype=dtype)
     mask_id = V - 1
     active = torch.zeros(B, T, dtype=torch.bool)
     for b in range(B):
@@ -93,7 +102,7 @@ def measure(V, B, T, temperature, dtype, device, hbm):
     row = {
         "V": V, "B x T": f"{B}x{T}", "active rows": int(active.sum()),
         "dtype": str(dtype).replace("torch.", ""), "temperature": temperature,
-        "step ms": ms_ours, "plain ms": ms_plain, "speed-up": ms_plain / ms_ours,
+        "step median ms": ms_ours, "plain median ms": ms_plain, "speed-up": ms_plain / ms_ours,
         "step GB/s": gbytes / ms_ours * 1e3, "plain GB/s": gbytes / ms_plain * 1e3,
     }
     if hbm is not None:
@@ -103,35 +112,36 @@ def measure(V, B, T, temperature, dtype, device, hbm):
     return row
 
 
-def run(device: str, quick: bool):
-    configs = CONFIGS["quick" if quick else device]
-    dtype = torch.bfloat16 if device == "cuda" and not quick else torch.float32
-    hbm = copy_bandwidth(device) if device == "cuda" else None
-    rows = []
-    for V, B, T, temperature in configs:
-        rows.append(measure(V, B, T, temperature, dtype, device, hbm))
-        print(rows[-1], flush=True)
-    return rows, hbm
+def run(device: str, size: str, report: Report):
+    dtype = torch.bfloat16 if device == "cuda" and size == "cuda" else torch.float32
+    hbm = copy_bandwidth(device) if device == "cuda" and size != "smoke" else None
+    if hbm is not None:
+        print(f"copy bandwidth: {hbm:.0f} GB/s", flush=True)
+    for V, B, T, temperature in CONFIGS[size]:
+        report.add(measure(V, B, T, temperature, dtype, device, hbm))
+    return hbm
 
 
 def main(argv=None):
     args = parse_args(arg_parser(__doc__), argv)
-    rows, hbm = run(args.device, args.quick)
+    size = "smoke" if args.smoke else "quick" if args.quick else args.device
     notes = (
         "Step = `bk.denoise_step` (k = 4, confidence \"prob\"); plain = softmax over all "
         "[B, T, V] logits in float64 -> argmax/gather -> where -> topk -> scatter (LLaDA / "
         "Fast-dLLM), with float64 Gumbel noise (LLaDA's add_gumbel_noise) at temperature > 0. "
-        "A random half of each row's positions is active. GB/s = active rows' logits read once "
-        "/ time."
+        "A random half of each row's positions is active. Times are medians (CUDA: "
+        "triton.testing.do_bench, return_mode=\"median\"; CPU: median of at least 3 timed "
+        "calls after a warm-up). GB/s = active rows' logits read once / time."
     )
-    if hbm is not None:
-        notes += f"\n\nMeasured copy bandwidth (clone of 2 GiB, read + write): {hbm:.0f} GB/s."
-    if args.device == "cpu" and not args.quick:
+    if args.device == "cpu" and size == "cpu":
         notes += ("\n\nCPU shapes: V = 128256 runs at B x T = 8x32 and 1x256 (not 64x32 and "
                   "1x1024) to keep the run within minutes and memory; logits are float32; "
                   f"{torch.get_num_threads()} torch thread(s).")
-    write_report("denoise", "Denoise step: bk.denoise_step vs the plain-torch step", rows,
-                 args.device, notes, args.out)
+    report = Report("denoise", "Denoise step: bk.denoise_step vs the plain-torch step",
+                    args.device, notes, args.out)
+    hbm = run(args.device, size, report)
+    report.close("" if hbm is None else
+                 f"Measured copy bandwidth (clone of 2 GiB, read + write): {hbm:.0f} GB/s.")
 
 
 def test_denoise_step(benchmark):

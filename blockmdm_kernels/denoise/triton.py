@@ -8,6 +8,8 @@ small merge kernel combines, so that a few rows still fill the GPU. Inactive row
 Nothing syncs with the host.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -232,6 +234,20 @@ def _denoise_select_kernel(
     tl.store(p_committed + i_b * T + o_t, commit.to(tl.int8), mask=m_t)
 
 
+# Only the warp count is tuned: BLOCK_V and TILES fix the workspace the launcher allocates.
+_TUNE = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+_TUNE_KEY = ["V", "SAMPLE", "CONF", "BLOCK_V", "TILES"]
+
+
+@functools.cache
+def _row_kernel(tuned: bool):
+    """The row kernel to launch: autotuned over warps when ``_dispatch.autotune()`` allows it,
+    else the fixed warp count of :func:`_config`."""
+    if not tuned:
+        return _denoise_fwd_kernel
+    return triton.autotune(configs=_TUNE, key=_TUNE_KEY)(_denoise_fwd_kernel)
+
+
 def _config(V: int, sample: bool) -> tuple:
     """(BLOCK_V, tiles per program, splits per row, warps). Rows are split over several
     programs so that a few long rows still fill the GPU, yet each program streams long enough
@@ -260,11 +276,12 @@ def token_and_confidence(logits, active, *, mask_id, temperature, confidence, se
     ws = torch.empty(8, B * T, split, dtype=torch.float64, device=dev) if split > 1 else tok
     act = active.contiguous().view(torch.uint8)
     gpu = _dispatch.on_gpu_hardware()
-    _denoise_fwd_kernel[(B * T, split)](
+    tuned = _dispatch.autotune()
+    _row_kernel(tuned)[(B * T, split)](
         logits, act, seed_t, temp_t, tok, conf, ws,
         T, V, mask_id, logits.stride(0), logits.stride(1), logits.stride(2), split,
         SAMPLE=sample, CONF=_CONF[confidence], LIBDEVICE=gpu and libdevice is not None,
-        BLOCK_V=block_v, TILES=tiles, FINAL=split == 1, num_warps=warps,
+        BLOCK_V=block_v, TILES=tiles, FINAL=split == 1, **({} if tuned else {"num_warps": warps}),
     )
     if split > 1:
         _denoise_merge_kernel[(B * T,)](
