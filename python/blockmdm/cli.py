@@ -92,7 +92,7 @@ def _run_study(args) -> int:
     else:
         jobs = args.jobs or default_jobs()
         run_study(args.preset, args.out, jobs=jobs, log=None if args.quiet else print,
-                  stream=None if args.quiet else sys.stderr, **selection)
+                  stream=None if args.quiet else sys.stdout, **selection)
     print(f"report: {args.out}/report.md")
     return 0
 

@@ -136,8 +136,7 @@ def summarise(runs: list) -> dict:
                 means[family] = row[headline(task)]["mean"]
             rows[family] = row
         aff = {}
-        if "ar" in reach and reach["ar"]["reached"] + len(
-                [r for r in rs if r["family"] == "ar" and r["state"] == "finished"]) > 0:
+        if "ar" in reach and any(r["family"] == "ar" and r["state"] == "finished" for r in rs):
             for family in [f for f in rows if f in DIFFUSION]:
                 aff[family] = affinity(reach["ar"]["flops"], reach[family]["flops"],
                                        reach["ar"]["total_flops"])
@@ -152,7 +151,8 @@ def _baselines(task, params, runs):
         return {"1/degree (follow the source's edges)": 1 / params.get("degree", 3)}
     if task == "linreg":
         out = {}
-        for name, metric in (("zero predictor", "mse_zero"), ("least squares", "mse_least_squares")):
+        for name, metric in (("zero predictor", "mse_zero"),
+                             ("least squares", "mse_least_squares")):
             m, _ = _mean_std([_value(r, metric) for r in runs])
             if m is not None:
                 out[name] = m
