@@ -193,6 +193,24 @@ def test_cli_rejects_bad_study_arguments(capsys):
     assert "--jobs must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["study", "--plan", "--report-only"])
+    with pytest.raises(SystemExit):
+        main(["train", "--steps", "2"])
+    assert "--task is required" in capsys.readouterr().err
+
+
+def test_train_config_file_with_flag_overrides(tmp_path, capsys):
+    lines = plan("micro", str(tmp_path / "s"), tasks=["linreg"], families=["ar"], seeds=1)
+    path = shlex.split(lines[0])[3]
+    out = str(tmp_path / "other")
+    assert main(["train", "--config", path, "--steps", "2", "--out", out, "--quiet"]) == 0
+    with open(os.path.join(out, "run.json")) as f:
+        cfg = json.load(f)
+    assert cfg["steps"] == 2 and cfg["model"] == {"n_layer": 1, "dim": 32, "n_head": 2}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"task": "linreg", "family": "ar", "stepz": 1}))
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(bad)])
+    assert "unknown TrainConfig fields ['stepz']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset", sorted(STUDY_PRESETS))
