@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 
 from blockmdm import __version__
@@ -81,7 +82,7 @@ def _run_study(args) -> int:
     if args.plan and args.report_only:
         raise ValueError("--plan and --report-only exclude each other")
     selection = dict(tasks=args.tasks, families=args.families, seeds=args.seeds,
-                     device=args.device)
+                     device=args.device, command="blockmdm " + shlex.join(args.argv))
     if args.plan:
         for line in plan(args.preset, args.out, **selection):
             print(line)
@@ -161,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 0

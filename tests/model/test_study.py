@@ -166,7 +166,8 @@ def test_plan_commands_then_report_only(tmp_path, capsys):
     assert main(["study", *args, "--plan"]) == 0
     assert "# finished: linreg/ar/seed0" in capsys.readouterr().out
     assert main(["study", *args, "--report-only"]) == 0
-    assert "## linreg" in (tmp_path / "study" / "report.md").read_text()
+    text = (tmp_path / "study" / "report.md").read_text()
+    assert "## linreg" in text and f"blockmdm study --preset micro --out {out}" in text
 
 
 def test_report_only_without_runs(tmp_path):
