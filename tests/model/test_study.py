@@ -233,3 +233,19 @@ def test_plan_writes_configs_train_accepts(tmp_path):
     with open(path) as f:
         cfg = TrainConfig(**json.load(f)).resolved()
     assert cfg.family == "jigsaw" and cfg.model == {"n_layer": 1, "dim": 32, "n_head": 2}
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream, lines = Terminal(), []
+    run_study("micro", str(tmp_path), jobs=1, tasks=["linreg"], families=["ar"], seeds=1,
+              log=lines.append, stream=stream)
+    text = stream.getvalue()
+    assert "study" in text and "6/6" in text and "linreg/ar/seed0" in text
+    # The finished-run line goes through the bar, not the log.
+    assert not any(line.startswith("[") for line in lines)

@@ -246,7 +246,7 @@ class _Progress:
         self.n_runs, self.finished = len(runs), 0
         self.log, self.t0 = log, time.monotonic()
         self.start_steps = sum(self.steps.values())
-        self.bar = None
+        self.bar, self.stream = None, stream
         if stream is not None and getattr(stream, "isatty", lambda: False)():
             from tqdm.auto import tqdm
             self.bar = tqdm(total=self.total, initial=self.start_steps, unit="step",
@@ -275,7 +275,7 @@ class _Progress:
                 f"({outcome['seconds']:.0f} s; elapsed "
                 f"{(time.monotonic() - self.t0) / 60:.1f} min, ETA {self.eta()})")
         if self.bar is not None:
-            self.bar.write(line)
+            self.bar.write(line, file=self.stream)
         elif self.log is not None:
             self.log(line)
 
