@@ -2,7 +2,10 @@
 
     blockmdm train --task sudoku --family jigsaw --preset tiny --out runs/x [--resume]
     blockmdm eval --run runs/x
-    blockmdm study --preset tiny [--out runs/study] [--tasks ...] [--families ...]
+    blockmdm train --config runs/study/pathfind/mdm/seed0/config.json
+    blockmdm study --preset tiny [--out runs/study] [--tasks ...] [--families ...] [--jobs N]
+    blockmdm study --preset paper --device cuda --plan      # one train command per run
+    blockmdm study --preset paper --report-only             # report from a filled folder
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m blockmdm.cli train ...``.
 """
