@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 
 # Settings every run of a CPU preset shares: one torch thread per run (runs go in parallel
-# instead), checkpoints at every evaluation so an interrupted study loses little.
+# instead). Every preset checkpoints at each evaluation, so an interrupted study loses little,
+# and decodes one token per model call (decode_steps_per_block = block size).
 _CPU = dict(threads=1, min_lr_ratio=0.1)
 
 STUDY_PRESETS = {
@@ -23,13 +24,13 @@ STUDY_PRESETS = {
                              task_params={"n_nodes": 6, "degree": 2, "path_len": 3},
                              train=dict(steps=6, batch_size=8, lr=3e-3, warmup=1, n_train=64,
                                         n_eval=8, eval_every=3, checkpoint_every=3,
-                                        decode_steps_per_block=1,
+                                        decode_steps_per_block=2,
                                         model={"n_layer": 1, "dim": 32, "n_head": 2}, **_CPU)),
             "sudoku": dict(task="sudoku", block_size=9,
                            task_params={"difficulty": 0.0},
                            train=dict(steps=4, batch_size=4, lr=3e-3, warmup=1, n_train=16,
                                       n_eval=2, eval_every=2, checkpoint_every=2,
-                                      decode_steps_per_block=1,
+                                      decode_steps_per_block=9,
                                       model={"n_layer": 1, "dim": 32, "n_head": 2}, **_CPU)),
             "linreg": dict(task="linreg", block_size=2,
                            task_params={"d": 2, "n_prompt": 3, "n_response": 3},
@@ -51,7 +52,7 @@ STUDY_PRESETS = {
                            task_params={"difficulty": 0.0},
                            train=dict(steps=300, batch_size=32, lr=2e-3, warmup=30,
                                       n_train=4096, n_eval=32, eval_every=100,
-                                      checkpoint_every=100, decode_steps_per_block=1,
+                                      checkpoint_every=100, decode_steps_per_block=9,
                                       model={"n_layer": 2, "dim": 64, "n_head": 4}, **_CPU)),
             "linreg": dict(task="linreg", block_size=2,
                            task_params={"d": 2, "n_prompt": 4, "n_response": 6},
@@ -74,7 +75,7 @@ STUDY_PRESETS = {
                            task_params={"difficulty": 0.3},
                            train=dict(steps=1500, batch_size=32, lr=1e-3, warmup=100,
                                       n_train=20000, n_eval=64, eval_every=250,
-                                      checkpoint_every=250, decode_steps_per_block=1,
+                                      checkpoint_every=250, decode_steps_per_block=9,
                                       model={"n_layer": 2, "dim": 64, "n_head": 4}, **_CPU)),
             "linreg": dict(task="linreg", block_size=2,
                            task_params={"d": 5, "n_prompt": 8, "n_response": 8},
