@@ -225,6 +225,10 @@ def test_presets_resolve_with_the_same_settings_for_every_family(preset, tmp_pat
         strip = [{k: v for k, v in c.items() if k not in ("family", "out")} for c in configs]
         assert all(s == strip[0] for s in strip)
         assert configs[0]["eval_every"] and configs[0]["eval_every"] < configs[0]["steps"]
+        assert configs[0]["checkpoint_every"] == configs[0]["eval_every"]
+        if configs[0]["task"] != "linreg":
+            # One token per model call when decoding.
+            assert configs[0]["decode_steps_per_block"] == configs[0]["block_size"]
 
 
 def test_plan_writes_configs_train_accepts(tmp_path):
