@@ -68,27 +68,31 @@ STUDY_PRESETS = {
                                       model={"n_layer": 2, "dim": 32, "n_head": 2}, **_CPU)),
         },
     },
+    # Three seeds. Path finding as in tiny (the setting measured to separate the families on
+    # CPU). Sudoku gets the largest share of the budget, at the generator's easiest level
+    # (25 blanks): one run at a time on one thread, mdm's cell accuracy only rose from chance
+    # (0.11) to 0.17 in 600 steps, so solved puzzles are not expected at this scale.
     "small": {
         "train_preset": "small", "seeds": 3,
         "entries": {
             "pathfind": dict(task="pathfind", block_size=2,
-                             task_params={"n_nodes": 12, "degree": 2, "path_len": 4},
-                             train=dict(steps=3000, batch_size=64, lr=1e-3, warmup=100,
+                             task_params={"n_nodes": 8, "degree": 2, "path_len": 3},
+                             train=dict(steps=2000, batch_size=64, lr=3e-3, warmup=100,
                                         n_train=100000, n_eval=256, eval_every=250,
                                         checkpoint_every=250, decode_steps_per_block=2,
                                         model={"n_layer": 2, "dim": 64, "n_head": 4}, **_CPU)),
             "sudoku": dict(task="sudoku", block_size=9,
-                           task_params={"difficulty": 0.3},
-                           train=dict(steps=1500, batch_size=32, lr=1e-3, warmup=100,
-                                      n_train=20000, n_eval=64, eval_every=250,
-                                      checkpoint_every=250, decode_steps_per_block=9,
+                           task_params={"difficulty": 0.0},
+                           train=dict(steps=800, batch_size=32, lr=2e-3, warmup=50,
+                                      n_train=20000, n_eval=64, eval_every=200,
+                                      checkpoint_every=200, decode_steps_per_block=9,
                                       model={"n_layer": 2, "dim": 64, "n_head": 4}, **_CPU)),
             "linreg": dict(task="linreg", block_size=2,
-                           task_params={"d": 5, "n_prompt": 8, "n_response": 8},
-                           train=dict(steps=2000, batch_size=256, lr=2e-3, warmup=100,
+                           task_params={"d": 4, "n_prompt": 6, "n_response": 6},
+                           train=dict(steps=1500, batch_size=256, lr=3e-3, warmup=50,
                                       n_train=500000, n_eval=512, eval_every=250,
                                       checkpoint_every=250,
-                                      model={"n_layer": 2, "dim": 64, "n_head": 4}, **_CPU)),
+                                      model={"n_layer": 2, "dim": 32, "n_head": 2}, **_CPU)),
         },
     },
     # The reference study's sizes, for GPUs (--device cuda): 12 layers, 256 wide, 8 heads.
