@@ -292,6 +292,10 @@ def markdown(results: dict, runs: list, figures: dict) -> str:
         for f in results["findings"]:
             lines.append(f"| {f['entry']} | {f['finding']} | {f['shows']} | {f['verdict']} |")
         lines.append("")
+        if any(f["verdict"] == "differ" for f in results["findings"]):
+            lines += ["A finding marked *differ* does not show at this preset's scale (task "
+                      "sizes, steps, seeds); the curves of its task above show where each "
+                      "family stands.", ""]
     lines += ["## Reproduce", "", f"Commit: `{results['commit']}`", ""]
     if results["command"]:
         lines += ["```", results["command"], "```", ""]
