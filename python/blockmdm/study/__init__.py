@@ -14,8 +14,8 @@ run for any scheduler, and :func:`build_report` writes the report from the folde
 Presets (``blockmdm study --preset NAME``), settings in :data:`STUDY_PRESETS`:
 
 - ``micro``: the whole pipeline in seconds (tests); shows nothing.
-- ``tiny``: the quick start, a few minutes on 2 CPU cores, one seed.
-- ``small``: three seeds and larger task instances, within an hour on 2 CPU cores.
+- ``tiny``: the quick start, one seed, about 12 minutes on 2 idle CPU cores.
+- ``small``: three seeds and larger task instances, about 55 minutes on 2 idle CPU cores.
 - ``paper``: the reference study's sizes, for GPUs (``--device cuda``).
 
 The report (report.md, results.json, per-entry PNGs) has per task: the final metrics next to
