@@ -175,7 +175,7 @@ def test_report_only_without_runs(tmp_path):
         build_report(str(tmp_path))
 
 
-def test_bad_arguments():
+def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="valid choices"):
         run_study("huge")
     with pytest.raises(ValueError, match="tasks"):
@@ -183,7 +183,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="seeds"):
         plan_runs("tiny", "x", seeds=0)
     with pytest.raises(ValueError, match="jobs"):
-        run_study("micro", "x", jobs=0, tasks=["linreg"], families=["ar"], log=None)
+        run_study("micro", str(tmp_path / "s"), jobs=0, tasks=["linreg"], families=["ar"],
+                  log=None)
+    assert not (tmp_path / "s").exists()
     with pytest.raises(ValueError, match="overrides"):
         plan_runs("tiny", "x", overrides={"stepz": 3})
 

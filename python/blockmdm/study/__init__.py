@@ -77,6 +77,8 @@ def run_study(preset: str = "tiny", out: str = "runs/study", *, tasks=TASKS, fam
         command: the command line recorded in the report (default: this process's).
     """
     jobs = default_jobs() if jobs is None else jobs
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     runs = plan_runs(preset, out, tasks=tasks, families=families, seeds=seeds, device=device,
                      overrides=overrides)
     check_consistent(runs)
