@@ -114,7 +114,9 @@ def test_micro_study_pipeline_resume_and_jobs(tmp_path):
     assert "*1/degree (follow the source's edges)* | 0.5" in text
     assert "*zero predictor*" in text and "*least squares*" in text
     assert "Commit: `" in text
-    saved = json.loads((out / "results.json").read_text())
+    # Strict JSON: "not reached" is null, never Infinity.
+    saved = json.loads((out / "results.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
     assert len(saved["runs"]) == 8 and saved["preset"] == "micro"
     assert all(r["state"] == "finished" for r in saved["runs"])
     # One line per finished run when the output is not a terminal.

@@ -223,16 +223,21 @@ def build_report(out: str, *, seconds: float | None = None, timings: dict | None
                  for r in runs],
     }
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=_json_default)
+        json.dump(_finite(results), f, indent=1, default=str, allow_nan=False)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(markdown(results, runs, figures))
     return results
 
 
-def _json_default(x):
-    if isinstance(x, float) and math.isinf(x):
-        return None
-    return str(x)
+def _finite(x):
+    """JSON-safe copy: inf ("not reached") and NaN become null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _flops(x):
