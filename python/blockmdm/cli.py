@@ -2,14 +2,19 @@
 
     blockmdm train --task sudoku --family jigsaw --preset tiny --out runs/x [--resume]
     blockmdm eval --run runs/x
-    blockmdm study --preset tiny [--out runs/study] [--tasks ...] [--families ...]
+    blockmdm train --config runs/study/pathfind/mdm/seed0/config.json
+    blockmdm study --preset tiny [--out runs/study] [--tasks ...] [--families ...] [--jobs N]
+    blockmdm study --preset paper --device cuda --plan      # one train command per run
+    blockmdm study --preset paper --report-only             # report from a filled folder
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m blockmdm.cli train ...``.
 """
 
 import argparse
+import dataclasses
 import json
 import os
+import shlex
 import sys
 
 from blockmdm import __version__
@@ -32,13 +37,28 @@ def _param(text: str):
 def _run_train(args) -> int:
     from blockmdm.train import TrainConfig, train
 
+    base = {}
+    if args.config:
+        with open(args.config) as f:
+            base = json.load(f)
+        if not isinstance(base, dict):
+            raise ValueError(f"--config {args.config} must hold a JSON object of TrainConfig "
+                             "fields")
+        unknown = sorted(set(base) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"--config {args.config} has unknown TrainConfig fields {unknown}")
     fields = {k: getattr(args, k) for k in (
         "task", "family", "preset", "steps", "batch_size", "lr", "warmup", "block_size",
         "weighting", "seed", "n_train", "n_eval", "eval_every", "checkpoint_every",
         "weight_decay", "grad_clip", "threads", "device")}
-    fields = {k: v for k, v in fields.items() if v is not None}
-    cfg = TrainConfig(out=args.out or f"runs/{args.task}-{args.family}",
-                      task_params=dict(args.task_param), **fields)
+    fields = {**base, **{k: v for k, v in fields.items() if v is not None}}
+    for name in ("task", "family"):
+        if fields.get(name) is None:
+            raise ValueError(f"--{name} is required (or a --config that sets it)")
+    if args.task_param:
+        fields["task_params"] = {**fields.get("task_params", {}), **dict(args.task_param)}
+    fields["out"] = args.out or fields.get("out") or f"runs/{fields['task']}-{fields['family']}"
+    cfg = TrainConfig(**fields)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -58,10 +78,25 @@ def _run_eval(args) -> int:
 
 
 def _run_study(args) -> int:
-    from blockmdm.study import run_study
+    from blockmdm.study import build_report, default_jobs, plan, run_study
 
-    run_study(args.preset, args.out, tasks=args.tasks, families=args.families, seeds=args.seeds,
-              progress=not args.quiet)
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.plan and args.report_only:
+        raise ValueError("--plan and --report-only exclude each other")
+    selection = dict(tasks=args.tasks, families=args.families, seeds=args.seeds,
+                     device=args.device, command="blockmdm " + shlex.join(args.argv))
+    if args.plan:
+        for line in plan(args.preset, args.out, **selection):
+            print(line)
+        print(f"# then: blockmdm study --preset {args.preset} --out {args.out} --report-only")
+        return 0
+    if args.report_only:
+        build_report(args.out)
+    else:
+        jobs = args.jobs or default_jobs()
+        run_study(args.preset, args.out, jobs=jobs, log=None if args.quiet else print,
+                  stream=None if args.quiet else sys.stdout, **selection)
     print(f"report: {args.out}/report.md")
     return 0
 
@@ -73,9 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one family on one task")
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--family", required=True, choices=FAMILIES)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--config", help="JSON file of TrainConfig fields (e.g. a study run's "
+                   "config.json); the other flags override it")
+    p.add_argument("--task", choices=TASKS, help="required unless --config sets it")
+    p.add_argument("--family", choices=FAMILIES, help="required unless --config sets it")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -112,14 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument("--seeds", type=int, help="seeds per run (default: the preset's)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--jobs", type=int,
+                   help="runs trained at once, one process and torch thread each "
+                        "(default: the number of cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--plan", action="store_true",
+                   help="print one `blockmdm train` command per unfinished run (for a "
+                        "scheduler) instead of training")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_run_study)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 0

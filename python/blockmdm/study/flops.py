@@ -1,0 +1,80 @@
+"""Training FLOPs of one step, counted from the model and the family's attention mask.
+
+Only matrix multiplications count (norms, activations, softmax and the optimizer are left out):
+
+- per position and layer: the fused QKV projection, the output projection and the three SwiGLU
+  matrices, 2 * fan_in * fan_out each;
+- per layer: Q K^T and P V over the (query, key) pairs the mask lets attend,
+  2 * 2 * n_head * head_dim per pair, so a causal or block-causal family pays for about half of
+  what a full-attention one does;
+- the read-in of the continuous task on every position, and the read-out: on every position for
+  the continuous task (its loss reads every prediction) and on the positions in the loss for
+  token tasks (the fused cross-entropy only projects those rows).
+
+The backward pass of a matrix product costs two products of the same size (one per input
+gradient), so a training step is 3x its forward pass. Families whose mask or loss positions are
+random (jigsaw's masked blocks, the diffusion families' masked targets) are counted by their
+mean over a fixed sample of corruptions, so the count is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blockmdm.families import get_family
+from blockmdm.model import ModelConfig
+
+BACKWARD_FACTOR = 2
+
+
+def forward_flops(config: ModelConfig, *, n_positions: float, visible_pairs: float,
+                  n_readout: float) -> float:
+    """Matmul FLOPs of one forward pass of one sequence.
+
+    Args:
+        config: the model's sizes.
+        n_positions: sequence length the model runs on.
+        visible_pairs: (query, key) pairs the attention mask allows.
+        n_readout: positions projected by the output head.
+    """
+    d, hd = config.dim, config.head_dim
+    qkv = 2 * d * (config.n_head + 2 * config.n_kv_head) * hd
+    proj = 2 * d * d
+    mlp = 3 * 2 * d * config.intermediate
+    attention = 2 * 2 * config.n_head * hd * visible_pairs
+    per_layer = n_positions * (qkv + proj + mlp) + attention
+    if config.input_dim:
+        read_in = 2 * config.input_dim * d * n_positions
+        out_dim = config.input_dim
+    else:
+        read_in = 0
+        out_dim = config.vocab_size
+    return config.n_layer * per_layer + read_in + 2 * d * out_dim * n_readout
+
+
+def step_flops(cfg, *, sample: int = 256) -> float:
+    """Training FLOPs of one optimizer step of a run (all of its batch, forward + backward).
+
+    Args:
+        cfg: a :class:`blockmdm.train.TrainConfig` (resolved here).
+        sample: corruptions averaged for the families whose mask or targets are random.
+    """
+    from blockmdm.train import build_model, load_data
+
+    cfg = cfg.resolved()
+    data = load_data(cfg.task, min(sample, cfg.n_train), cfg.seed, cfg.task_params)
+    config = build_model(cfg, data).config
+    batch = get_family(cfg.family).corrupt(
+        data.x, prefix=data.prefix, block_size=cfg.block_size, weighting=cfg.weighting,
+        generator=torch.Generator().manual_seed(0), mask_id=data.mask_id,
+        targetable=data.targetable)
+    n_positions = batch.inputs.shape[1]
+    dense = batch.spec().dense(n_positions, n_positions, "cpu")
+    visible = float(dense.sum()) / dense.shape[0]
+    if config.input_dim:
+        readout = float(n_positions)
+    else:
+        readout = float((batch.weights > 0).sum()) / batch.weights.shape[0]
+    per_sequence = forward_flops(config, n_positions=n_positions, visible_pairs=visible,
+                                 n_readout=readout)
+    return (1 + BACKWARD_FACTOR) * per_sequence * cfg.batch_size
