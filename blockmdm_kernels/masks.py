@@ -405,8 +405,8 @@ def _jigsaw_rect(masked_blocks, P, bs, blk, b, qa, qb, ka, kb, want_all):
 
 
 def _take(table, b, idx):
-    """table[b, idx] for a [Bm, C] table and idx broadcasting against b ([Bm, 1, 1])."""
-    idx = idx.expand(torch.broadcast_shapes(b.shape, idx.shape))
+    """table[b, idx] for a [Bm, C] table, b = arange(Bm) [Bm, 1, 1] and idx [1 or Bm, ...]."""
+    idx = idx.expand(b.shape[0], *idx.shape[1:])
     return table.gather(1, idx.reshape(idx.shape[0], -1)).view(idx.shape)
 
 
