@@ -458,7 +458,7 @@ def tile_sizes(q: torch.Tensor):
     """
     if not q.is_cuda:
         # The interpreter: small tiles so small test shapes still span several tiles.
-        return (32, 16), (16, 16)
+        return (32, 32), (16, 32)
     D = q.shape[-1]
     fwd = (128, 64) if D <= 64 or q.element_size() <= 2 else (64, 64)
     bwd = (64, 64) if q.element_size() <= 2 or D <= 64 else (32, 32)
