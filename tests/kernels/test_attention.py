@@ -297,11 +297,12 @@ def _mapless_states_kernel(OUT_KV, OUT_Q, Tq, Tk, kv_len, n_qt, n_kt, Q_OFFSET, 
 def _mapless_states(kind, Tq, Tk, q_offset, prefix, bs, kv_len, bm, bn):
     """(per query tile, per key tile) states the mapless kernels derive, as dense [nQ, nK]."""
     n_q, n_k = -(-Tq // bm), -(-Tk // bn)
-    out_kv = torch.zeros(n_q, n_k, dtype=torch.int32)
-    out_q = torch.zeros(n_q, n_k, dtype=torch.int32)
-    _mapless_states_kernel[(max(n_q, n_k),)](out_kv, out_q, Tq, Tk, kv_len, n_q, n_k, q_offset, prefix, bs,
-                 KIND=masks.KINDS.index(kind), BLOCK_M=bm, BLOCK_N=bn)
-    return out_kv, out_q
+    out_kv, out_q = (torch.zeros(n_q, n_k, dtype=torch.int32, device=TRITON_DEVICE)
+                     for _ in range(2))
+    _mapless_states_kernel[(max(n_q, n_k),)](
+        out_kv, out_q, Tq, Tk, kv_len, n_q, n_k, q_offset, prefix, bs,
+        KIND=masks.KINDS.index(kind), BLOCK_M=bm, BLOCK_N=bn)
+    return out_kv.cpu(), out_q.cpu()
 
 
 @pytest.mark.parametrize("kind", ["full", "causal", "block_causal"])
@@ -363,7 +364,7 @@ def test_jigsaw_training_loop_keeps_caches_bounded(count_tile_builds, monkeypatc
     monkeypatch.setenv("BLOCKMDM_BACKEND", "cpu")
     q, k, v = (torch.randn(2, 24, 2, 16, requires_grad=True) for _ in range(3))
     first = None
-    for step in range(3 * attention._SPEC_CACHE_SIZE):
+    for _ in range(3 * attention._SPEC_CACHE_SIZE):
         mb = _mb(2, 6)
         first = first or weakref.ref(mb)
         bk.block_attention(q, k, v, masks.jigsaw(4, mb)).sum().backward()
