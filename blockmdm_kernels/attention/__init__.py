@@ -36,7 +36,8 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
         q: [B, Tq, H, D], float32 / float16 / bfloat16 (float64 on CPU), D in 16, 32, 64, 128
         k, v: [B, Tk, Hkv, D], same dtype and device as q, H % Hkv == 0 (GQA / MQA)
         mask: a :class:`blockmdm_kernels.masks.MaskSpec`; query i is position
-            ``mask.q_offset + i``, key j is position j
+            ``mask.q_offset + i``, key j is position j. Its ``kv_lens`` values are range-checked
+            only when they are on the CPU (checking a CUDA tensor would sync every call).
         scale: softmax scale, default 1/sqrt(D)
     Returns:
         [B, Tq, H, D]; a query that sees no key gets 0 (and 0 gradient).
