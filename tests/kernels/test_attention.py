@@ -31,7 +31,11 @@ CASES = [
     ("block_causal_b16_qoffset", lambda: masks.block_causal(16, prefix=7, q_offset=50), 1, 61,
      111, 2, 2, 64),
     ("block_causal_b64_prefix", lambda: masks.block_causal(64, prefix=3), 1, 200, 200, 2, 2, 16),
+    ("block_causal_b5_qoffset_kvlens", lambda: masks.block_causal(
+        5, prefix=4, q_offset=30, kv_lens=torch.tensor([90, 47])), 2, 63, 93, 2, 1, 16),
     ("scatter_b3", lambda: masks.scatter(3), 1, 63, 63, 2, 2, 16),
+    ("scatter_b5_qoffset_kvlens", lambda: masks.scatter(
+        5, prefix=3, q_offset=20, kv_lens=torch.tensor([70, 33])), 2, 50, 70, 2, 1, 16),
     ("scatter_b16_prefix_mqa", lambda: masks.scatter(16, prefix=10), 1, 111, 111, 4, 1, 16),
     ("scatter_b8_prefix_whole_blocks", lambda: masks.scatter(8, prefix=7), 2, 71, 71, 2, 1, 32),
     ("jigsaw_b3_prefix", lambda: masks.jigsaw(3, _mb(2, 20), prefix=4), 2, 63, 63, 2, 2, 16),
