@@ -5,7 +5,10 @@ positions. Everything else is derived from it and tested equal to it:
 
 * ``spec.dense(Tq, Tk, device)``: bool ``[B or 1, Tq, Tk]``, the reference mask;
 * ``spec.tile_map(Tq, Tk, block_m, block_n, device)``: which key tiles each query tile must visit
-  and whether a tile is partial (needs the per-element predicate) or full;
+  and whether a tile is partial (needs the per-element predicate) or full. It is computed per
+  tile from the spec's parameters (position intervals, per-block prefix sums of
+  ``masked_blocks``), in O(B * n_q_tiles * n_k_tiles) work on the requested device, and tested
+  equal to the tiles of the dense mask;
 * ``spec.mask_mod``: FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)``.
 
 Positions are 0-based; the prompt is positions ``< prefix``. A response position ``p`` is in block
@@ -13,6 +16,10 @@ Positions are 0-based; the prompt is positions ``< prefix``. A response position
 in block -1. Queries are positions ``q_offset .. q_offset + Tq - 1`` (``q_offset > 0`` when new
 queries attend to a KV cache); keys are positions ``0 .. Tk - 1``. With ``kv_lens`` (int ``[B]``)
 key ``j`` of batch row ``b`` is visible only when ``j < kv_lens[b]``.
+
+``kv_lens`` values are checked (``0 <= kv_lens[b] <= Tk``) only when they live on the CPU: reading
+a CUDA tensor's values would stall the host on every attention call. On CUDA an out-of-range
+value keeps the meaning of the predicate (negative: no key, above Tk: no padding).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import torch
 
 KINDS = ("full", "causal", "block_causal", "scatter", "jigsaw", "bd3")
 EMPTY, PARTIAL, FULL = 0, 1, 2
-_ROWS_PER_CHUNK = 2048  # query rows evaluated at once when building a tile map
+_ROWS_PER_CHUNK = 2048  # query rows evaluated at once by the dense-derived tile map
+_TILE_CACHE_SIZE = 8  # tile maps kept per spec (shapes x tile sizes x devices)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -57,6 +65,22 @@ class TileMap:
         kv_count, kv_index = _compact(nonempty)
         q_count, q_index = _compact(nonempty.transpose(1, 2))
         return TileMap(block_m, block_n, state, kv_count, kv_index, q_count, q_index)
+
+    def coarsen(self, rm: int, rn: int) -> TileMap:
+        """The map for tiles ``rm`` x ``rn`` times larger, derived exactly from this one.
+
+        A coarse tile is FULL when all its fine tiles are, EMPTY when all are; fine tiles past the
+        end of the sequence do not exist and count as neither.
+        """
+        Bm, n_q, n_k = self.state.shape
+        pad = (0, _cdiv(n_k, rn) * rn - n_k, 0, _cdiv(n_q, rm) * rm - n_q)
+        shape = (Bm, -1, rm, _cdiv(n_k, rn), rn)
+        full = torch.nn.functional.pad(self.state, pad, value=FULL).view(shape)
+        seen = torch.nn.functional.pad(self.state, pad, value=EMPTY).view(shape)
+        full = (full == FULL).all(4).all(2)
+        seen = (seen != EMPTY).any(4).any(2)
+        state = torch.where(full, FULL, torch.where(seen, PARTIAL, EMPTY)).to(torch.int8)
+        return TileMap.from_state(state, self.block_m * rm, self.block_n * rn)
 
     def visible_fraction(self) -> float:
         """Fraction of tiles that are not empty (how much work a tile-skipping kernel does)."""
@@ -105,8 +129,8 @@ class MaskSpec:
             if not isinstance(kl, torch.Tensor) or kl.dtype.is_floating_point or kl.dim() != 1 \
                     or kl.dtype == torch.bool:
                 raise ValueError("kv_lens must be an integer tensor [B]")
-            if kl.numel() and int(kl.min()) < 0:
-                raise ValueError("kv_lens must be >= 0")
+            if kl.device.type == "cpu" and kl.numel() and int(kl.min()) < 0:
+                raise ValueError(f"kv_lens must be >= 0, got min {int(kl.min())}")
             if (self.masked_blocks is not None
                     and kl.shape[0] != self.masked_blocks.shape[0]):
                 raise ValueError(
@@ -114,6 +138,7 @@ class MaskSpec:
                     f"{self.masked_blocks.shape[0]}"
                 )
         object.__setattr__(self, "_tile_cache", {})
+        object.__setattr__(self, "_tile_versions", None)
 
     def replace(self, **changes) -> MaskSpec:
         """A copy with some fields changed (for example ``q_offset`` while decoding)."""
@@ -139,10 +164,7 @@ class MaskSpec:
         FlexAttention's vmap); ``q`` is absolute (``q_offset`` already added).
         """
         P, bs = self.prefix, self.block_size
-
-        def block(p):
-            return torch.where(p >= P, torch.div(p - P, bs, rounding_mode="floor"), -1)
-
+        block = self._block
         if self.kind == "full":
             vis = (q >= 0) & (kv >= 0)
         elif self.kind == "causal":
@@ -154,6 +176,8 @@ class MaskSpec:
             vis = (kv < P) | ((q >= P) & (kv >= P) & same_offset_or_earlier)
         elif self.kind == "jigsaw":
             mb = self.masked_blocks
+            if mb.shape[1] == 0:  # no response block: every key is in the prompt
+                mb = torch.zeros(mb.shape[0], 1, dtype=torch.bool, device=mb.device)
             kb = block(kv)
             key_masked = (kb >= 0) & mb[b, kb.clamp(0, mb.shape[1] - 1)]
             vis = ~key_masked | ((block(q) == kb) & (kv <= q))
@@ -170,6 +194,11 @@ class MaskSpec:
         if self.kv_lens is not None:
             vis = vis & (kv < self.kv_lens[b])
         return vis
+
+    def _block(self, p):
+        """Block index of positions p (-1 in the prompt)."""
+        P = self.prefix
+        return torch.where(p >= P, torch.div(p - P, self.block_size, rounding_mode="floor"), -1)
 
     def check(self, batch: int, Tq: int, Tk: int) -> None:
         """Raise ValueError when this spec cannot describe a [batch, Tq] x [batch, Tk] attention."""
@@ -197,7 +226,8 @@ class MaskSpec:
                     f"Tk={Tk} with prefix={self.prefix} and block_size={self.block_size} has "
                     f"{need}"
                 )
-        if self.kv_lens is not None and self.kv_lens.numel() and int(self.kv_lens.max()) > Tk:
+        kl = self.kv_lens
+        if kl is not None and kl.device.type == "cpu" and kl.numel() and int(kl.max()) > Tk:
             raise ValueError(f"kv_lens must be <= Tk={Tk}, got max {int(self.kv_lens.max())}")
 
     def _on(self, device) -> MaskSpec:
@@ -222,35 +252,84 @@ class MaskSpec:
         return self._rows(0, Tq, Tk, device or "cpu").contiguous()
 
     def tile_map(self, Tq: int, Tk: int, block_m: int, block_n: int, device=None) -> TileMap:
-        """Per (query tile, key tile): EMPTY, PARTIAL or FULL, from the predicate. Cached."""
+        """Per (query tile, key tile): EMPTY, PARTIAL or FULL. Cached on the spec.
+
+        A map whose tile sizes are multiples of a cached map's is derived from that one
+        (:meth:`TileMap.coarsen`), so passes with different tile sizes share one build.
+        """
         device = torch.device(device or "cpu")
-        # Tensor version counters make an in-place edit of masked_blocks / kv_lens a cache miss.
+        # Tensor version counters make an in-place edit of masked_blocks / kv_lens a cache miss;
+        # maps of older versions can never be hit again, so they are dropped.
         versions = tuple(t._version for t in (self.masked_blocks, self.kv_lens) if t is not None)
-        key = (Tq, Tk, block_m, block_n, str(device), versions)
-        cached = self._tile_cache.get(key)
-        if cached is not None:
-            return cached
-        self.check(self.batch_size or 1, Tq, Tk)
-        _n_q, n_k = _cdiv(Tq, block_m), _cdiv(Tk, block_n)
-        pad_k = n_k * block_n - Tk
-        rows = max(block_m, _ROWS_PER_CHUNK // block_m * block_m)
-        states = []
-        for q0 in range(0, Tq, rows):
-            q1 = min(q0 + rows, Tq)
-            vis = self._rows(q0, q1, Tk, device)
-            pad_q = _cdiv(q1 - q0, block_m) * block_m - (q1 - q0)
-            # Out-of-range elements are "don't care": padded False for any(), True for all().
-            shape = (vis.shape[0], -1, block_m, n_k, block_n)
-            any_ = torch.nn.functional.pad(vis, (0, pad_k, 0, pad_q), value=False)
-            all_ = torch.nn.functional.pad(vis, (0, pad_k, 0, pad_q), value=True)
-            any_ = any_.view(shape).any(4).any(2)
-            all_ = all_.view(shape).all(4).all(2)
-            states.append(torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)))
-        state = torch.cat(states, 1).to(torch.int8) if states else torch.zeros(
-            self.batch_size or 1, 0, n_k, dtype=torch.int8, device=device)
-        tiles = TileMap.from_state(state, block_m, block_n)
-        self._tile_cache[key] = tiles
+        cache = self._tile_cache
+        if self._tile_versions != versions:
+            cache.clear()
+            object.__setattr__(self, "_tile_versions", versions)
+        key = (Tq, Tk, block_m, block_n, str(device))
+        tiles = cache.get(key)
+        if tiles is not None:
+            return tiles
+        for (tq, tk, bm, bn, dev), finer in cache.items():
+            if (tq, tk, dev) == key[:2] + key[4:] and block_m % bm == 0 and block_n % bn == 0:
+                tiles = finer.coarsen(block_m // bm, block_n // bn)
+                break
+        else:
+            self.check(self.batch_size or 1, Tq, Tk)
+            tiles = TileMap.from_state(self._tile_state(Tq, Tk, block_m, block_n, device),
+                                       block_m, block_n)
+        if len(cache) >= _TILE_CACHE_SIZE:
+            del cache[next(iter(cache))]
+        cache[key] = tiles
         return tiles
+
+    def _tile_state(self, Tq: int, Tk: int, block_m: int, block_n: int, device) -> torch.Tensor:
+        """int8 [Bm, nQ, nK] tile states from position intervals, never from the dense mask.
+
+        Query tile i covers positions ``qa..qb`` and key tile j keys ``ka..kb`` (ragged at the
+        ends). A tile is FULL when every pair of the rectangle is visible, EMPTY when none is;
+        kv_lens only cuts the key interval (for "any") or forbids FULL when it falls inside.
+        """
+        spec = self._on(device)
+        bm = self.batch_size or 1
+        n_q, n_k = _cdiv(Tq, block_m), _cdiv(Tk, block_n)
+        i_q = torch.arange(n_q, device=device).view(1, n_q, 1)
+        i_k = torch.arange(n_k, device=device).view(1, 1, n_k)
+        qa = i_q * block_m + self.q_offset
+        qb = (i_q * block_m + block_m).clamp(max=Tq) - 1 + self.q_offset
+        ka = i_k * block_n
+        kb = (i_k * block_n + block_n).clamp(max=Tk) - 1
+        b = torch.arange(bm, device=device).view(bm, 1, 1)
+        if spec.kv_lens is None:
+            kb_seen, inside = kb, True
+        else:
+            kv_len = spec.kv_lens.to(torch.int64).view(bm, 1, 1)
+            kb_seen, inside = torch.minimum(kb, kv_len - 1), kb < kv_len
+        seen = (ka <= kb_seen) & spec._any_visible(b, qa, qb, ka, kb_seen, Tk)
+        full = inside & spec._all_visible(b, qa, qb, ka, kb, Tk)
+        state = torch.where(full, FULL, torch.where(seen, PARTIAL, EMPTY)).to(torch.int8)
+        return state.expand(bm, n_q, n_k).contiguous()
+
+    def _any_visible(self, b, qa, qb, ka, kb, Tk: int):
+        """Bool: does some query of ``qa..qb`` see some key of ``ka..kb`` (both non-empty)?"""
+        return self._rect(b, qa, qb, ka, kb, Tk, want_all=False)
+
+    def _all_visible(self, b, qa, qb, ka, kb, Tk: int):
+        """Bool: does every query of ``qa..qb`` see every key of ``ka..kb``?"""
+        return self._rect(b, qa, qb, ka, kb, Tk, want_all=True)
+
+    def _rect(self, b, qa, qb, ka, kb, Tk: int, want_all: bool):
+        P, bs, blk = self.prefix, self.block_size, self._block
+        if self.kind == "full":
+            return torch.ones((), dtype=torch.bool, device=qa.device)
+        if self.kind == "causal":
+            return kb <= qa if want_all else ka <= qb
+        if self.kind == "block_causal":
+            return blk(kb) <= blk(qa) if want_all else blk(ka) <= blk(qb)
+        if self.kind == "scatter":
+            return _scatter_rect(P, bs, blk, qa, qb, ka, kb, want_all)
+        if self.kind == "jigsaw":
+            return _jigsaw_rect(self.masked_blocks, P, bs, blk, b, qa, qb, ka, kb, want_all)
+        return _bd3_rect(self.half_len(Tk), blk, qa, qb, ka, kb, want_all)
 
     @property
     def mask_mod(self):
@@ -277,6 +356,104 @@ class MaskSpec:
         if self.kv_lens is not None:
             parts.append(f"kv_lens={tuple(self.kv_lens.shape)}")
         return f"{self.kind}({', '.join(parts)})"
+
+
+def _offsets(P: int, bs: int, blk, a, b):
+    """(min, max) in-block offset over response positions a..b: contiguous inside one block,
+    every offset once the interval crosses a block boundary."""
+    one_block = blk(a) == blk(b)
+    return (torch.where(one_block, (a - P) % bs, 0),
+            torch.where(one_block, (b - P) % bs, bs - 1))
+
+
+def _scatter_rect(P, bs, blk, qa, qb, ka, kb, want_all):
+    # Prompt keys are visible to every query; response keys only to response queries whose
+    # offset is at least theirs, so compare the offset ranges of the response parts.
+    kra, qra = ka.clamp(min=P), qa.clamp(min=P)
+    has_kr = kb >= P
+    k_min, k_max = _offsets(P, bs, blk, kra, kb)
+    q_min, q_max = _offsets(P, bs, blk, qra, qb)
+    if want_all:
+        return ~has_kr | ((qa >= P) & (k_max <= q_min))
+    return (ka < P) | (has_kr & (qb >= P) & (k_min <= q_max))
+
+
+def _jigsaw_rect(masked_blocks, P, bs, blk, b, qa, qb, ka, kb, want_all):
+    # The response keys span blocks c0..c1; prefix sums of masked_blocks count the masked ones
+    # (and, when there is exactly one, give its index through the sum of indices).
+    mb = masked_blocks.to(torch.int64)
+    if mb.shape[1] == 0:  # every key is in the prompt; keep the lookups below in range
+        mb = torch.nn.functional.pad(mb, (0, 1))
+    n_mb = mb.shape[1]
+    count = torch.nn.functional.pad(mb.cumsum(1), (1, 0))  # [Bm, n_mb + 1]
+    ids = torch.nn.functional.pad((mb * torch.arange(n_mb, device=mb.device)).cumsum(1), (1, 0))
+    kra = ka.clamp(min=P)
+    has_kr = kb >= P
+    c0 = blk(kra).clamp(0, n_mb - 1)
+    c1 = torch.maximum(blk(kb).clamp(0, n_mb - 1), c0)
+    n_masked = _take(count, b, c1 + 1) - _take(count, b, c0)
+    if want_all:
+        # One masked block c is fine only if every query is in c, past its last key here.
+        c = _take(ids, b, c1 + 1) - _take(ids, b, c0)
+        last = torch.minimum(kb, P + (c + 1) * bs - 1)
+        one_ok = (n_masked == 1) & (blk(qa) == c) & (blk(qb) == c) & (last <= qa)
+        return ~has_kr | (n_masked == 0) | one_ok
+    # Some key is visible if it is in the prompt, or in an unmasked block, or (all blocks
+    # masked) a block holds both a query and an earlier key of the rectangle.
+    shared = torch.maximum(c0, blk(qa)) <= torch.minimum(c1, blk(qb))
+    return (ka < P) | (has_kr & ((n_masked < c1 - c0 + 1) | ((kra <= qb) & shared)))
+
+
+def _take(table, b, idx):
+    """table[b, idx] for a [Bm, C] table, b = arange(Bm) [Bm, 1, 1] and idx [1 or Bm, ...]."""
+    idx = idx.expand(b.shape[0], *idx.shape[1:])
+    return table.gather(1, idx.reshape(idx.shape[0], -1)).view(idx.shape)
+
+
+def _bd3_rect(n, blk, qa, qb, ka, kb, want_all):
+    # Split both intervals into their x_t (< n) and x_0 (>= n, shifted by n) parts; each of the
+    # four quadrants compares block indices monotonically.
+    qt_a, qt_b, has_qt = qa, qb.clamp(max=n - 1), qa < n
+    q0_a, q0_b, has_q0 = qa.clamp(min=n) - n, qb - n, qb >= n
+    kt_a, kt_b, has_kt = ka, kb.clamp(max=n - 1), ka < n
+    k0_a, k0_b, has_k0 = ka.clamp(min=n) - n, kb - n, kb >= n
+    if want_all:
+        same = ((blk(kt_a) == blk(qt_a)) & (blk(kt_b) == blk(qt_a))
+                & (blk(qt_b) == blk(qt_a)))
+        return ((~has_qt | ~has_kt | same)
+                & (~has_qt | ~has_k0 | (blk(k0_b) < blk(qt_a)))
+                & (~has_q0 | ~has_kt)
+                & (~has_q0 | ~has_k0 | (blk(k0_b) <= blk(q0_a))))
+    same = torch.maximum(blk(kt_a), blk(qt_a)) <= torch.minimum(blk(kt_b), blk(qt_b))
+    return ((has_qt & has_kt & same)
+            | (has_qt & has_k0 & (blk(k0_a) < blk(qt_b)))
+            | (has_q0 & has_k0 & (blk(k0_a) <= blk(q0_b))))
+
+
+def _dense_tile_map(spec: MaskSpec, Tq: int, Tk: int, block_m: int, block_n: int,
+                    device=None) -> TileMap:
+    """The tile map taken from the dense mask, chunk by chunk of query rows: the test oracle
+    for :meth:`MaskSpec.tile_map` (O(B * Tq * Tk) work)."""
+    device = torch.device(device or "cpu")
+    spec.check(spec.batch_size or 1, Tq, Tk)
+    n_k = _cdiv(Tk, block_n)
+    pad_k = n_k * block_n - Tk
+    rows = max(block_m, _ROWS_PER_CHUNK // block_m * block_m)
+    states = []
+    for q0 in range(0, Tq, rows):
+        q1 = min(q0 + rows, Tq)
+        vis = spec._rows(q0, q1, Tk, device)
+        pad_q = _cdiv(q1 - q0, block_m) * block_m - (q1 - q0)
+        # Out-of-range elements are "don't care": padded False for any(), True for all().
+        shape = (vis.shape[0], -1, block_m, n_k, block_n)
+        any_ = torch.nn.functional.pad(vis, (0, pad_k, 0, pad_q), value=False)
+        all_ = torch.nn.functional.pad(vis, (0, pad_k, 0, pad_q), value=True)
+        any_ = any_.view(shape).any(4).any(2)
+        all_ = all_.view(shape).all(4).all(2)
+        states.append(torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)))
+    state = torch.cat(states, 1).to(torch.int8) if states else torch.zeros(
+        spec.batch_size or 1, 0, n_k, dtype=torch.int8, device=device)
+    return TileMap.from_state(state, block_m, block_n)
 
 
 def _check_int(name: str, value, low: int) -> None:

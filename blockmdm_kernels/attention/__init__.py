@@ -20,9 +20,13 @@ __all__ = ["block_attention"]
 
 HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Specs rebuilt from the custom ops' arguments, with their tile maps. A training step reuses one
+# spec across its layers and its backward; a jigsaw step brings new masked_blocks every time, so
+# the cache stays small and old steps' specs and maps are dropped within a few steps.
 _SPEC_CACHE: OrderedDict = OrderedDict()
-_SPEC_CACHE_SIZE = 64
-_ORDER_CACHE: dict = {}
+_SPEC_CACHE_SIZE = 4
+_ORDER_CACHE: OrderedDict = OrderedDict()
+_ORDER_CACHE_SIZE = 8
 
 
 def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
@@ -32,7 +36,8 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
         q: [B, Tq, H, D], float32 / float16 / bfloat16 (float64 on CPU), D in 16, 32, 64, 128
         k, v: [B, Tk, Hkv, D], same dtype and device as q, H % Hkv == 0 (GQA / MQA)
         mask: a :class:`blockmdm_kernels.masks.MaskSpec`; query i is position
-            ``mask.q_offset + i``, key j is position j
+            ``mask.q_offset + i``, key j is position j. Its ``kv_lens`` values are range-checked
+            only when they are on the CPU (checking a CUDA tensor would sync every call).
         scale: softmax scale, default 1/sqrt(D)
     Returns:
         [B, Tq, H, D]; a query that sees no key gets 0 (and 0 gradient).
@@ -76,11 +81,21 @@ def _offset_major(mask: MaskSpec, Tq: int, Tk: int, device):
             or n < 2 * bs or n % bs):
         return None
     key = (Tk, P, bs, str(device))
-    if key not in _ORDER_CACHE:
-        response = torch.arange(n, device=device).view(n // bs, bs).t().reshape(-1) + P
-        perm = torch.cat([torch.arange(P, device=device), response])
-        _ORDER_CACHE[key] = (perm, torch.argsort(perm))
+    hit = _ORDER_CACHE.get(key)
+    if hit is not None:
+        _ORDER_CACHE.move_to_end(key)
+        return hit
+    response = torch.arange(n, device=device).view(n // bs, bs).t().reshape(-1) + P
+    perm = torch.cat([torch.arange(P, device=device), response])
+    _put(_ORDER_CACHE, key, (perm, torch.argsort(perm)), _ORDER_CACHE_SIZE)
     return _ORDER_CACHE[key]
+
+
+def _put(cache: OrderedDict, key, value, size: int) -> None:
+    """Insert into an LRU dict, dropping the least recently used entries beyond ``size``."""
+    cache[key] = value
+    while len(cache) > size:
+        cache.popitem(last=False)
 
 
 def _check(q, k, v, mask, backend) -> None:
@@ -146,9 +161,7 @@ def _spec(kind: int, block_size: int, prefix: int, q_offset: int, seq_len: int,
         kv_lens=None if kv_lens is None else kv_lens.to(device),
         q_offset=q_offset, seq_len=seq_len or None,
     )
-    _SPEC_CACHE[key] = (spec, tensors)
-    if len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
-        _SPEC_CACHE.popitem(last=False)
+    _put(_SPEC_CACHE, key, (spec, tensors), _SPEC_CACHE_SIZE)
     return spec
 
 

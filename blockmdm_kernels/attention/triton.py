@@ -6,6 +6,15 @@ probabilities: dK/dV per key tile over the query tiles that see it (summing a GQ
 program, so no atomics), dQ per query tile over its key tiles. FULL tiles skip the per-element
 predicate; PARTIAL tiles evaluate :func:`_visible`, which mirrors ``MaskSpec.visible``.
 
+Full, causal and block_causal masks (any q_offset, with or without kv_lens) need no tile map:
+every query sees a prefix of the keys, so the kernels compute each tile's key (or query) range and
+its FULL / PARTIAL state from positions (``MAPLESS``), and decoding token by token builds nothing.
+The other masks use one tile map per spec and shapes: it is built for the backward's tiles and the
+forward's larger tiles are derived from it (:meth:`TileMap.coarsen`).
+
+Grids are 1-D (batch x heads x tiles flattened), so any B * H launches. fp32 inputs use tf32 dots
+when ``torch.backends.cuda.matmul.allow_tf32`` is set, IEEE fp32 otherwise.
+
 A query row that sees no key stores lse = +inf, so every recomputed probability of that row is 0:
 its output, dQ and contributions to dK/dV are 0.
 """
@@ -17,10 +26,13 @@ import triton
 import triton.language as tl
 
 from blockmdm_kernels import _dispatch
-from blockmdm_kernels.masks import KINDS, PARTIAL, MaskSpec
+from blockmdm_kernels.masks import FULL, KINDS, PARTIAL, MaskSpec
 
 _LOG2E = 1.4426950408889634
 _PARTIAL = tl.constexpr(PARTIAL)
+_FULL = tl.constexpr(FULL)
+# Kinds where every query sees a prefix of the keys (kinds 0, 1, 2): no tile map needed.
+MAPLESS_KINDS = ("full", "causal", "block_causal")
 
 
 @triton.jit
@@ -66,6 +78,73 @@ def _visible(KIND: tl.constexpr, q, kv, P, BS, HALF, p_mb, n_mb):
 
 
 @triton.jit
+def _last_key(KIND: tl.constexpr, q, Tk, P, BS):
+    """Mapless kinds: the last key position visible to absolute query position q (key kv is
+    visible iff kv <= _last_key(q); nondecreasing in q)."""
+    if KIND == 0:
+        last = q * 0 + Tk - 1
+    elif KIND == 1:
+        last = q
+    else:
+        # Prompt queries see the prompt; a query in block a sees up to the end of block a.
+        last = tl.where(q >= P, P + ((q - P) // BS + 1) * BS - 1, P - 1)
+    return last
+
+
+@triton.jit
+def _first_query(KIND: tl.constexpr, k, P, BS):
+    """Mapless kinds: the first absolute query position that sees key position k."""
+    if KIND == 0:
+        first = k * 0
+    elif KIND == 1:
+        first = k
+    else:
+        first = tl.where(k >= P, P + ((k - P) // BS) * BS, 0)
+    return first
+
+
+@triton.jit
+def _kv_range(KIND: tl.constexpr, i_m, Tq, Tk, kv_len, Q_OFFSET, P, BS,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Mapless kinds, query tile i_m: (number of key tiles it sees, from tile 0 on; the last key
+    position every query of the tile sees: key tiles ending there or before are FULL)."""
+    qa = i_m.to(tl.int64) * BLOCK_M + Q_OFFSET
+    qb = tl.minimum(qa + BLOCK_M, Tq + Q_OFFSET) - 1
+    hi = tl.minimum(_last_key(KIND, qb, Tk, P, BS), kv_len - 1)
+    n_tiles = tl.where(hi >= 0, hi // BLOCK_N + 1, 0).to(tl.int32)
+    full_to = tl.minimum(_last_key(KIND, qa, Tk, P, BS), kv_len - 1)
+    return n_tiles, full_to
+
+
+@triton.jit
+def _q_range(KIND: tl.constexpr, i_n, n_qt, Tq, Tk, kv_len, Q_OFFSET, P, BS,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Mapless kinds, key tile i_n: (first query tile that sees it, number of query tiles from
+    there on that do, the tile's last key position)."""
+    ka = i_n.to(tl.int64) * BLOCK_N
+    kb = tl.minimum(ka + BLOCK_N, Tk) - 1
+    # The first query row that sees the tile's first key; every later row sees it too.
+    row = _first_query(KIND, ka, P, BS) - Q_OFFSET
+    m_lo = tl.where(row > 0, row // BLOCK_M, 0)
+    n_tiles = tl.where((ka < kv_len) & (row < Tq), n_qt - m_lo, 0).to(tl.int32)
+    return m_lo, n_tiles, kb
+
+
+@triton.jit
+def _kv_state(j, full_to, Tk, BLOCK_N: tl.constexpr):
+    """Mapless kinds: state of key tile j of a query tile whose full bound is full_to."""
+    return tl.where(tl.minimum((j + 1) * BLOCK_N, Tk) - 1 <= full_to, _FULL, _PARTIAL)
+
+
+@triton.jit
+def _q_state(KIND: tl.constexpr, i_m, k_last, kv_len, Tk, Q_OFFSET, P, BS,
+             BLOCK_M: tl.constexpr):
+    """Mapless kinds: state of query tile i_m for a key tile ending at k_last."""
+    full_to = tl.minimum(_last_key(KIND, i_m * BLOCK_M + Q_OFFSET, Tk, P, BS), kv_len - 1)
+    return tl.where(k_last <= full_to, _FULL, _PARTIAL)
+
+
+@triton.jit
 def _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
                 KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
@@ -93,13 +172,44 @@ def _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_
 
 
 @triton.jit
-def _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, i_m, o_d, Tk, qk_scale, Q_OFFSET,
-              P, BS, HALF, p_mb, n_mb, kv_len, KIND: tl.constexpr, HAS_KVLENS: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _kv_len(KV_LENS, i_b, Tk, HAS_KVLENS: tl.constexpr):
+    """Keys of batch row i_b that may be visible: kv_lens[i_b] (at most Tk), else Tk."""
+    kv_len = Tk
+    if HAS_KVLENS:
+        kv_len = tl.minimum(tl.load(KV_LENS + i_b), Tk)
+    return kv_len
+
+
+@triton.jit
+def _kv_tiles(KV_COUNT, KV_INDEX, STATE, i_bt, i_m, n_qt, n_kt, Tq, Tk, kv_len, Q_OFFSET, P, BS,
+              KIND: tl.constexpr, MAPLESS: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Key tiles of query tile i_m: (count, mapless FULL bound, index and state rows of the map)."""
+    row = (i_bt * n_qt + i_m).to(tl.int64)
+    p_idx = KV_INDEX + row * n_kt
+    p_state = STATE + row * n_kt
+    if MAPLESS:
+        n_tiles, full_to = _kv_range(KIND, i_m, Tq, Tk, kv_len, Q_OFFSET, P, BS, BLOCK_M,
+                                     BLOCK_N)
+    else:
+        n_tiles = tl.load(KV_COUNT + row)
+        full_to = Tk
+    return n_tiles, full_to, p_idx, p_state
+
+
+@triton.jit
+def _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to, i_m, o_d, Tk, qk_scale,
+              Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND: tl.constexpr,
+              HAS_KVLENS: tl.constexpr, MAPLESS: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """The j-th non-empty key tile of query tile i_m: masked scores [BM, BN] (base 2), K and V
     [BN, D]. Shared by the forward and the dQ kernel."""
-    i_n = tl.load(p_idx + j)
-    state = tl.load(p_state + i_n)
+    if MAPLESS:
+        i_n = j
+        state = _kv_state(j, full_to, Tk, BLOCK_N)
+    else:
+        i_n = tl.load(p_idx + j)
+        state = tl.load(p_state + i_n)
     o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_k = o_k < Tk
     b_k = tl.load(p_k0 + o_k[:, None] * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
@@ -114,12 +224,15 @@ def _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, i_m, o_d, Tk, qk_s
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KV_COUNT, KV_INDEX, STATE, MB, KV_LENS,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-    s_mbb, n_mb, Tq, Tk, H, G, n_qt, n_kt, qk_scale, Q_OFFSET, P, BS, HALF,
-    KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, TILE_BATCHED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+    s_mbb, n_mb, Tq, Tk, H, G, n_qt, n_kt, qk_scale, Q_OFFSET, P, BS, HALF, TQ_BUCKET, TK_BUCKET,
+    KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, MAPLESS: tl.constexpr,
+    TILE_BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    # Heaviest query tiles (last, under causal masks) first; tiles of one (b, h) side by side.
+    pid = tl.program_id(0)
+    i_bh = pid // n_qt
+    i_m = n_qt - 1 - pid % n_qt
     i_b = i_bh // H
     i_h = i_bh % H
     i_hk = i_h // G
@@ -134,22 +247,19 @@ def _attn_fwd_kernel(
     p_k0 = K + i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
     p_v0 = V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
     p_mb = MB + i_b64 * s_mbb
-    kv_len = Tk
-    if HAS_KVLENS:
-        kv_len = tl.load(KV_LENS + i_b)
-
-    row = (i_bt * n_qt + i_m).to(tl.int64)
-    n_tiles = tl.load(KV_COUNT + row)
-    p_idx = KV_INDEX + row * n_kt
-    p_state = STATE + row * n_kt
+    kv_len = _kv_len(KV_LENS, i_b, Tk, HAS_KVLENS)
+    n_tiles, full_to, p_idx, p_state = _kv_tiles(
+        KV_COUNT, KV_INDEX, STATE, i_bt, i_m, n_qt, n_kt, Tq, Tk, kv_len, Q_OFFSET, P, BS, KIND,
+        MAPLESS, BLOCK_M, BLOCK_N)
 
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], tl.float32)
     for j in range(0, n_tiles):
-        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, i_m, o_d, Tk,
-                                  qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
-                                  HAS_KVLENS, BLOCK_M, BLOCK_N, PRECISION)  # [BM, BN]
+        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to, i_m,
+                                  o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
+                                  KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
+                                  PRECISION)  # [BM, BN]
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         # A row with nothing visible so far keeps m = -inf; shift by 0 to avoid (-inf) - (-inf).
         b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
@@ -168,10 +278,11 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, Tq, H,
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_ot, s_oh, s_db, s_dt, s_dh, Tq, H, n_m,
                                 BLOCK_M: tl.constexpr, D: tl.constexpr):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    pid = tl.program_id(0)
+    i_m = pid % n_m
+    i_bh = pid // n_m
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -190,11 +301,14 @@ def _attn_bwd_dkdv_kernel(
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
     s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh,
     s_mbb, n_mb, Tq, Tk, H, Hkv, G, n_qt, n_kt, qk_scale, scale, Q_OFFSET, P, BS, HALF,
-    KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, TILE_BATCHED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+    TQ_BUCKET, TK_BUCKET, KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, MAPLESS: tl.constexpr,
+    TILE_BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    # Under causal masks the first key tiles are seen by the most query tiles: they go first.
+    pid = tl.program_id(0)
+    i_n = pid % n_kt
+    i_bh = pid // n_kt
     i_b = i_bh // Hkv
     i_hk = i_bh % Hkv
     i_bt = i_b * TILE_BATCHED
@@ -208,14 +322,16 @@ def _attn_bwd_dkdv_kernel(
     b_v = tl.load(V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh + o_k[:, None] * s_vt + o_d[None, :],
                   mask=m_k[:, None], other=0.0)  # [BN, D]
     p_mb = MB + i_b64 * s_mbb
-    kv_len = Tk
-    if HAS_KVLENS:
-        kv_len = tl.load(KV_LENS + i_b)
+    kv_len = _kv_len(KV_LENS, i_b, Tk, HAS_KVLENS)
 
     col = (i_bt * n_kt + i_n).to(tl.int64)
-    n_tiles = tl.load(Q_COUNT + col)
     p_idx = Q_INDEX + col * n_qt
     p_state = STATE + i_bt.to(tl.int64) * n_qt * n_kt + i_n
+    if MAPLESS:
+        m_lo, n_tiles, k_last = _q_range(KIND, i_n, n_qt, Tq, Tk, kv_len, Q_OFFSET, P, BS, BLOCK_M,
+                                         BLOCK_N)
+    else:
+        n_tiles = tl.load(Q_COUNT + col)
 
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -225,8 +341,12 @@ def _attn_bwd_dkdv_kernel(
         p_do0 = DO + i_b64 * s_db + i_h * s_dh
         p_row = (i_b64 * H + i_h) * Tq
         for j in range(0, n_tiles):
-            i_m = tl.load(p_idx + j)
-            state = tl.load(p_state + i_m.to(tl.int64) * n_kt)
+            if MAPLESS:
+                i_m = m_lo + j
+                state = _q_state(KIND, i_m, k_last, kv_len, Tk, Q_OFFSET, P, BS, BLOCK_M)
+            else:
+                i_m = tl.load(p_idx + j)
+                state = tl.load(p_state + i_m.to(tl.int64) * n_kt)
             o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
             m_q = o_q < Tq
             # Keys-first layout: dK and dV come out of dots without transposing P or dS.
@@ -256,12 +376,14 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX, STATE, MB, KV_LENS,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
     s_dqb, s_dqt, s_dqh,
-    s_mbb, n_mb, Tq, Tk, H, G, n_qt, n_kt, qk_scale, scale, Q_OFFSET, P, BS, HALF,
-    KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, TILE_BATCHED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+    s_mbb, n_mb, Tq, Tk, H, G, n_qt, n_kt, qk_scale, scale, Q_OFFSET, P, BS, HALF, TQ_BUCKET,
+    TK_BUCKET, KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, MAPLESS: tl.constexpr,
+    TILE_BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    pid = tl.program_id(0)
+    i_bh = pid // n_qt
+    i_m = n_qt - 1 - pid % n_qt
     i_b = i_bh // H
     i_h = i_bh % H
     i_hk = i_h // G
@@ -281,20 +403,17 @@ def _attn_bwd_dq_kernel(
     p_k0 = K + i_b64 * s_kb + i_hk.to(tl.int64) * s_kh
     p_v0 = V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
     p_mb = MB + i_b64 * s_mbb
-    kv_len = Tk
-    if HAS_KVLENS:
-        kv_len = tl.load(KV_LENS + i_b)
-
-    row = (i_bt * n_qt + i_m).to(tl.int64)
-    n_tiles = tl.load(KV_COUNT + row)
-    p_idx = KV_INDEX + row * n_kt
-    p_state = STATE + row * n_kt
+    kv_len = _kv_len(KV_LENS, i_b, Tk, HAS_KVLENS)
+    n_tiles, full_to, p_idx, p_state = _kv_tiles(
+        KV_COUNT, KV_INDEX, STATE, i_bt, i_m, n_qt, n_kt, Tq, Tk, kv_len, Q_OFFSET, P, BS, KIND,
+        MAPLESS, BLOCK_M, BLOCK_N)
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
     for j in range(0, n_tiles):
-        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, i_m, o_d, Tk,
-                                  qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
-                                  HAS_KVLENS, BLOCK_M, BLOCK_N, PRECISION)  # [BM, BN]
+        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to, i_m,
+                                  o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
+                                  KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
+                                  PRECISION)  # [BM, BN]
         b_p = tl.math.exp2(b_s - b_lse[:, None])  # [BM, BN]
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -304,32 +423,81 @@ def _attn_bwd_dq_kernel(
     tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_q[:, None])
 
 
-_TUNE = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-_TUNE_KEY = ["KIND", "HAS_KVLENS", "BLOCK_M", "BLOCK_N", "D"]
+_TUNE = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3)]
+# Tile sizes are fixed (the tile map must match), so tune warps / stages per mask feature, head
+# dim, dtype (a kernel argument type) and sequence-length bucket.
+_TUNE_KEY = ["KIND", "HAS_KVLENS", "MAPLESS", "BLOCK_M", "BLOCK_N", "D", "PRECISION",
+             "TQ_BUCKET", "TK_BUCKET"]
 
 
 @functools.cache
 def _kernels(tuned: bool):
-    """The launchable kernels; autotuned over warps/stages only on real GPUs (tile sizes are
-    fixed so the tile map matches)."""
+    """(forward, dK/dV, dQ) kernels, autotuned when ``tuned`` (real GPUs only)."""
     kernels = (_attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)
     if not tuned:
         return kernels
     return tuple(triton.autotune(configs=_TUNE, key=_TUNE_KEY)(k) for k in kernels)
 
 
+def _launch_config(q: torch.Tensor, tuned: bool) -> dict:
+    """num_warps / num_stages when not autotuning: one config per head dim (wide heads carry
+    more registers per row, so more warps and fewer pipeline stages)."""
+    if tuned:
+        return {}
+    if q.shape[-1] >= 128:
+        return dict(num_warps=8, num_stages=2)
+    # fp32 tiles take twice the shared memory of 16-bit ones per pipeline stage.
+    return dict(num_warps=4, num_stages=2 if q.dtype == torch.float32 else 3)
+
+
 def tile_sizes(q: torch.Tensor):
-    """(forward (BLOCK_M, BLOCK_N), backward (BLOCK_M, BLOCK_N)) for this device and head dim."""
+    """(forward (BLOCK_M, BLOCK_N), backward (BLOCK_M, BLOCK_N)) for this device and head dim.
+
+    The forward's tile sizes are multiples of the backward's, so its tile map is derived from the
+    backward's without a second build.
+    """
     if not q.is_cuda:
         # The interpreter: small tiles so small test shapes still span several tiles.
-        return (32, 16), (16, 32)
+        return (32, 32), (16, 32)
     D = q.shape[-1]
     fwd = (128, 64) if D <= 64 or q.element_size() <= 2 else (64, 64)
     bwd = (64, 64) if q.element_size() <= 2 or D <= 64 else (32, 32)
     return fwd, bwd
 
 
-def _mask_args(spec: MaskSpec, q: torch.Tensor, Tk: int):
+def _bucket(n: int) -> int:
+    """Sequence-length bucket of the autotuning key: the next power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precision(q: torch.Tensor) -> str:
+    """Dot precision: tf32 for fp32 inputs only when torch allows it for matmuls (IEEE fp32
+    otherwise, matching the fp32 reference); 16-bit inputs ignore it."""
+    if q.dtype == torch.float32 and not (q.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def _tile_args(spec: MaskSpec, q: torch.Tensor, Tq: int, Tk: int, bwd: bool):
+    """((kv_count, kv_index, q_count, q_index, state), tile kwargs) for one pass; mapless kinds
+    pass placeholders and the kernels derive tile ranges from positions."""
+    fwd_tiles, bwd_tiles = tile_sizes(q)
+    bm, bn = bwd_tiles if bwd else fwd_tiles
+    n_qt, n_kt = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
+    if spec.kind in MAPLESS_KINDS:
+        return (q,) * 5, dict(TILE_BATCHED=0, n_qt=n_qt, n_kt=n_kt, BLOCK_M=bm, BLOCK_N=bn,
+                              MAPLESS=True)
+    # The backward's map first: the forward's (coarser) map is derived from it, and the
+    # backward finds it cached on the spec.
+    tm = spec.tile_map(Tq, Tk, *bwd_tiles, q.device)
+    if not bwd:
+        tm = spec.tile_map(Tq, Tk, bm, bn, q.device)
+    maps = (tm.kv_count, tm.kv_index, tm.q_count, tm.q_index, tm.state)
+    return maps, dict(TILE_BATCHED=int(tm.state.shape[0] > 1), n_qt=n_qt, n_kt=n_kt,
+                      BLOCK_M=bm, BLOCK_N=bn, MAPLESS=False)
+
+
+def _mask_args(spec: MaskSpec, q: torch.Tensor, Tq: int, Tk: int):
     mb = spec.masked_blocks
     if mb is None:
         mb_t, s_mbb, n_mb = q, 0, 0
@@ -341,38 +509,27 @@ def _mask_args(spec: MaskSpec, q: torch.Tensor, Tk: int):
     half = spec.half_len(Tk) if spec.kind == "bd3" else 0
     return dict(MB=mb_t, KV_LENS=kl_t, s_mbb=s_mbb, n_mb=n_mb, Q_OFFSET=spec.q_offset,
                 P=spec.prefix, BS=spec.block_size, HALF=half, KIND=KINDS.index(spec.kind),
-                HAS_KVLENS=kl is not None)
-
-
-def _precision(q):
-    # fp32 inputs would otherwise get tf32 dots on GPUs, far from the fp32 reference.
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-def _tiles(spec, Tq, Tk, bm, bn, device):
-    tm = spec.tile_map(Tq, Tk, bm, bn, device)
-    return tm, int(tm.state.shape[0] > 1), tm.state.shape[1], tm.state.shape[2]
+                HAS_KVLENS=kl is not None, TQ_BUCKET=_bucket(Tq), TK_BUCKET=_bucket(Tk),
+                PRECISION=_precision(q))
 
 
 def forward(q, k, v, spec: MaskSpec, scale: float):
     """q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> (o [B, Tq, H, D], lse fp32 [B, H, Tq] in base 2)."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    (bm, bn), _ = tile_sizes(q)
-    tm, batched, n_qt, n_kt = _tiles(spec, Tq, Tk, bm, bn, q.device)
+    (kv_count, kv_index, _, _, state), tiles = _tile_args(spec, q, Tq, Tk, bwd=False)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-    fwd, _, _ = _kernels(_dispatch.on_gpu_hardware())
-    extra = {} if _dispatch.on_gpu_hardware() else dict(num_warps=4)
-    fwd[(n_qt, B * H)](
-        q, k, v, o, lse, tm.kv_count, tm.kv_index, tm.state,
+    tuned = _dispatch.autotune()
+    fwd, _, _ = _kernels(tuned)
+    fwd[(B * H * tiles["n_qt"],)](
+        q, k, v, o, lse, kv_count, kv_index, state,
         s_qb=q.stride(0), s_qt=q.stride(1), s_qh=q.stride(2),
         s_kb=k.stride(0), s_kt=k.stride(1), s_kh=k.stride(2),
         s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2),
         s_ob=o.stride(0), s_ot=o.stride(1), s_oh=o.stride(2),
-        Tq=Tq, Tk=Tk, H=H, G=H // Hkv, n_qt=n_qt, n_kt=n_kt, qk_scale=scale * _LOG2E,
-        TILE_BATCHED=batched, BLOCK_M=bm, BLOCK_N=bn, D=D, PRECISION=_precision(q),
-        **_mask_args(spec, q, Tk), **extra,
+        Tq=Tq, Tk=Tk, H=H, G=H // Hkv, qk_scale=scale * _LOG2E, D=D,
+        **tiles, **_mask_args(spec, q, Tq, Tk), **_launch_config(q, tuned),
     )
     return o, lse
 
@@ -381,36 +538,35 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
     """Gradients (dq, dk, dv) of :func:`forward` given its output o and lse."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    _, (bm, bn) = tile_sizes(q)
-    tm, batched, n_qt, n_kt = _tiles(spec, Tq, Tk, bm, bn, q.device)
+    (kv_count, kv_index, q_count, q_index, state), tiles = _tile_args(spec, q, Tq, Tk, bwd=True)
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, 64), B * H)](
+    n_m = triton.cdiv(Tq, 64)
+    _attn_bwd_preprocess_kernel[(B * H * n_m,)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1),
-        do.stride(2), Tq, H, BLOCK_M=64, D=D,
+        do.stride(2), Tq, H, n_m, BLOCK_M=64, D=D,
     )
     dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
-    _, dkdv, dqk = _kernels(_dispatch.on_gpu_hardware())
-    extra = {} if _dispatch.on_gpu_hardware() else dict(num_warps=4)
+    tuned = _dispatch.autotune()
+    _, dkdv, dqk = _kernels(tuned)
     common = dict(
         s_qb=q.stride(0), s_qt=q.stride(1), s_qh=q.stride(2),
         s_kb=k.stride(0), s_kt=k.stride(1), s_kh=k.stride(2),
         s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2),
         s_db=do.stride(0), s_dt=do.stride(1), s_dh=do.stride(2),
-        Tq=Tq, Tk=Tk, H=H, G=H // Hkv, n_qt=n_qt, n_kt=n_kt, qk_scale=scale * _LOG2E,
-        scale=scale, TILE_BATCHED=batched, BLOCK_M=bm, BLOCK_N=bn, D=D,
-        PRECISION=_precision(q), **_mask_args(spec, q, Tk), **extra,
+        Tq=Tq, Tk=Tk, H=H, G=H // Hkv, qk_scale=scale * _LOG2E, scale=scale, D=D,
+        **tiles, **_mask_args(spec, q, Tq, Tk), **_launch_config(q, tuned),
     )
-    dkdv[(n_kt, B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, tm.q_count, tm.q_index, tm.state,
+    dkdv[(B * Hkv * tiles["n_kt"],)](
+        q, k, v, do, lse, delta, dk, dv, q_count, q_index, state,
         s_dkb=dk.stride(0), s_dkt=dk.stride(1), s_dkh=dk.stride(2),
         s_dvb=dv.stride(0), s_dvt=dv.stride(1), s_dvh=dv.stride(2), Hkv=Hkv, **common,
     )
-    dqk[(n_qt, B * H)](
-        q, k, v, do, lse, delta, dq, tm.kv_count, tm.kv_index, tm.state,
+    dqk[(B * H * tiles["n_qt"],)](
+        q, k, v, do, lse, delta, dq, kv_count, kv_index, state,
         s_dqb=dq.stride(0), s_dqt=dq.stride(1), s_dqh=dq.stride(2), **common,
     )
     return dq, dk, dv
 
 
-__all__ = ["forward", "backward", "tile_sizes"]
+__all__ = ["forward", "backward", "tile_sizes", "MAPLESS_KINDS"]

@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import blockmdm_kernels as bk
 from blockmdm_kernels import masks
 from blockmdm_kernels.attention import reference
+from blockmdm_kernels.attention import triton as attn_triton
 from tests.helpers import assert_close_rel
 
 
@@ -28,7 +31,11 @@ CASES = [
     ("block_causal_b16_qoffset", lambda: masks.block_causal(16, prefix=7, q_offset=50), 1, 61,
      111, 2, 2, 64),
     ("block_causal_b64_prefix", lambda: masks.block_causal(64, prefix=3), 1, 200, 200, 2, 2, 16),
+    ("block_causal_b5_qoffset_kvlens", lambda: masks.block_causal(
+        5, prefix=4, q_offset=30, kv_lens=torch.tensor([90, 47])), 2, 63, 93, 2, 1, 16),
     ("scatter_b3", lambda: masks.scatter(3), 1, 63, 63, 2, 2, 16),
+    ("scatter_b5_qoffset_kvlens", lambda: masks.scatter(
+        5, prefix=3, q_offset=20, kv_lens=torch.tensor([70, 33])), 2, 50, 70, 2, 1, 16),
     ("scatter_b16_prefix_mqa", lambda: masks.scatter(16, prefix=10), 1, 111, 111, 4, 1, 16),
     ("scatter_b8_prefix_whole_blocks", lambda: masks.scatter(8, prefix=7), 2, 71, 71, 2, 1, 32),
     ("jigsaw_b3_prefix", lambda: masks.jigsaw(3, _mb(2, 20), prefix=4), 2, 63, 63, 2, 2, 16),
@@ -254,3 +261,199 @@ def test_scatter_over_whole_blocks_runs_offset_major():
     assert torch.equal(dense[perm][:, perm], masks.block_causal(4, prefix=2).dense(14, 14)[0])
     for ragged in (masks.scatter(3, prefix=2), masks.scatter(4, q_offset=1)):
         assert _offset_major(ragged, 10, 10, "cpu") is None
+
+
+@pytest.fixture
+def count_tile_builds(monkeypatch):
+    """Counts tile maps built from a spec (derived, coarsened maps are not builds)."""
+    calls = []
+    build = masks.MaskSpec._tile_state
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.kind)
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(masks.MaskSpec, "_tile_state", counted)
+    return calls
+
+
+@triton.jit
+def _mapless_states_kernel(OUT_KV, OUT_Q, Tq, Tk, kv_len, n_qt, n_kt, Q_OFFSET, P, BS,
+                           KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Program i is query tile i and key tile i (when they exist), as in the kernels.
+    i_m = tl.program_id(0)
+    i_n = tl.program_id(0)
+    if i_m < n_qt:
+        n_tiles, full_to = attn_triton._kv_range(KIND, i_m, Tq, Tk, kv_len, Q_OFFSET, P, BS,
+                                                 BLOCK_M, BLOCK_N)
+        for j in range(0, n_tiles):
+            tl.store(OUT_KV + i_m * n_kt + j, attn_triton._kv_state(j, full_to, Tk, BLOCK_N))
+    if i_n < n_kt:
+        m_lo, n_tiles, k_last = attn_triton._q_range(KIND, i_n, n_qt, Tq, Tk, kv_len, Q_OFFSET, P,
+                                                     BS, BLOCK_M, BLOCK_N)
+        for j in range(0, n_tiles):
+            i_mj = m_lo + j
+            tl.store(OUT_Q + i_mj * n_kt + i_n,
+                     attn_triton._q_state(KIND, i_mj, k_last, kv_len, Tk, Q_OFFSET, P, BS,
+                                          BLOCK_M))
+
+
+def _mapless_states(kind, Tq, Tk, q_offset, prefix, bs, kv_len, bm, bn):
+    """(per query tile, per key tile) states the mapless kernels derive, as dense [nQ, nK]."""
+    n_q, n_k = -(-Tq // bm), -(-Tk // bn)
+    out_kv, out_q = (torch.zeros(n_q, n_k, dtype=torch.int32, device=TRITON_DEVICE)
+                     for _ in range(2))
+    _mapless_states_kernel[(max(n_q, n_k),)](
+        out_kv, out_q, Tq, Tk, kv_len, n_q, n_k, q_offset, prefix, bs,
+        KIND=masks.KINDS.index(kind), BLOCK_M=bm, BLOCK_N=bn)
+    return out_kv.cpu(), out_q.cpu()
+
+
+@pytest.mark.parametrize("kind", ["full", "causal", "block_causal"])
+def test_mapless_tile_ranges_match_tile_map(kind):
+    # The key-tile range (forward, dQ) and query-tile range (dK/dV) the kernels compute from
+    # positions visit exactly the non-empty tiles of the tile map, with the same FULL / PARTIAL.
+    rng = torch.Generator().manual_seed(len(kind))
+    for _ in range(30):
+        Tq, Tk = (int(x) for x in torch.randint(1, 40, (2,), generator=rng))
+        bs, prefix = int(torch.randint(1, 12, (), generator=rng)), 0
+        if kind == "block_causal":
+            prefix = int(torch.randint(0, Tk + 1, (), generator=rng))
+        q_offset = int(torch.randint(0, 50, (), generator=rng))
+        kv_len = int(torch.randint(0, Tk + 1, (), generator=rng))
+        bm, bn = (int(x) for x in torch.randint(2, 12, (2,), generator=rng))
+        spec = masks.MaskSpec(kind, bs, prefix, q_offset=q_offset,
+                              kv_lens=torch.tensor([kv_len]))
+        want = spec.tile_map(Tq, Tk, bm, bn).state[0].int()
+        out_kv, out_q = _mapless_states(kind, Tq, Tk, q_offset, prefix, bs, kv_len, bm, bn)
+        assert torch.equal(out_kv, want), (Tq, Tk, bs, prefix, q_offset, kv_len, bm, bn)
+        assert torch.equal(out_q, want), (Tq, Tk, bs, prefix, q_offset, kv_len, bm, bn)
+
+
+@pytest.mark.parametrize("make", [masks.causal, lambda **kw: masks.block_causal(4, 3, **kw),
+                                  masks.full], ids=["causal", "block_causal", "full"])
+def test_triton_decoding_builds_no_tile_map(make, count_tile_builds, monkeypatch):
+    # Token-by-token decoding changes q_offset every call: the mapless kinds build nothing.
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "triton")
+    k, v = (torch.randn(2, 21, 1, 16, device=TRITON_DEVICE) for _ in range(2))
+    for pos in (17, 18, 20):
+        spec = make(q_offset=pos, kv_lens=torch.tensor([pos + 1, pos - 3]))
+        q = torch.randn(2, 1, 2, 16, device=TRITON_DEVICE)
+        out = bk.block_attention(q, k[:, :pos + 1], v[:, :pos + 1], spec)
+        ref = reference.block_attention(q.double(), k[:, :pos + 1].double(),
+                                        v[:, :pos + 1].double(), spec, 0.25)
+        assert_close_rel(out, ref, torch.float32)
+    assert count_tile_builds == []
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_one_tile_map_per_step(backend, count_tile_builds, monkeypatch):
+    # Forward and backward (different tile sizes on the Triton path) share one build.
+    monkeypatch.setenv("BLOCKMDM_BACKEND", backend)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    spec = masks.jigsaw(8, _mb(2, 5).to(device), prefix=3)
+    q, k, v = (torch.randn(2, 40, 2, 16, device=device, requires_grad=True) for _ in range(3))
+    for _ in range(2):  # two "layers"
+        bk.block_attention(q, k, v, spec).sum().backward()
+    assert count_tile_builds == ["jigsaw"]
+
+
+def test_jigsaw_training_loop_keeps_caches_bounded(count_tile_builds, monkeypatch):
+    # New masked_blocks every step: one build per step, and old steps' specs and maps are freed.
+    import gc
+    import weakref
+
+    from blockmdm_kernels import attention
+
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "cpu")
+    q, k, v = (torch.randn(2, 24, 2, 16, requires_grad=True) for _ in range(3))
+    first = None
+    for _ in range(3 * attention._SPEC_CACHE_SIZE):
+        mb = _mb(2, 6)
+        first = first or weakref.ref(mb)
+        bk.block_attention(q, k, v, masks.jigsaw(4, mb)).sum().backward()
+        del mb
+        assert len(attention._SPEC_CACHE) <= attention._SPEC_CACHE_SIZE
+        for spec, _ in attention._SPEC_CACHE.values():
+            assert len(spec._tile_cache) <= 2
+    gc.collect()
+    assert first() is None
+    assert len(count_tile_builds) == 3 * attention._SPEC_CACHE_SIZE
+
+
+def test_spec_tile_cache_follows_versions_without_growing():
+    mb = torch.zeros(1, 4, dtype=torch.bool)
+    spec = masks.jigsaw(4, mb)
+    for i in range(20):
+        mb[0, i % 4] = not mb[0, i % 4]
+        spec.tile_map(16, 16, 4, 4)
+        spec.tile_map(16, 16, 8, 4)
+    assert len(spec._tile_cache) == 2
+
+
+def test_kv_lens_values_off_cpu_are_not_read():
+    # Reading values of a CUDA kv_lens would sync the host on every call; a meta tensor (which
+    # has no values) shows that neither construction nor check() reads them.
+    spec = masks.causal(kv_lens=torch.tensor([3, 9], device="meta"))
+    spec.check(2, 4, 8)
+    with pytest.raises(ValueError, match="kv_lens must be <= Tk=8, got max 9"):
+        masks.causal(kv_lens=torch.tensor([3, 9])).check(2, 4, 8)
+
+
+def test_triton_launch_settings():
+    impl = attn_triton
+    q32, q16 = torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16).half()
+    assert impl._precision(q32) == "ieee"
+    assert impl._bucket(1) == 16 and impl._bucket(200) == 256 and impl._bucket(256) == 256
+    # The autotuner silently drops a key that is not an argument: every key must be one.
+    for kernel in (impl._attn_fwd_kernel, impl._attn_bwd_dkdv_kernel, impl._attn_bwd_dq_kernel):
+        assert set(impl._TUNE_KEY) <= set(kernel.arg_names)
+    for q in (q32, q16, torch.randn(1, 4, 1, 128)):
+        fwd, bwd = impl.tile_sizes(q)
+        assert fwd[0] % bwd[0] == 0 and fwd[1] % bwd[1] == 0
+        assert {"num_warps", "num_stages"} == set(impl._launch_config(q, tuned=False))
+    assert impl._launch_config(q32, tuned=True) == {}
+
+
+@pytest.mark.cuda
+def test_triton_tf32_follows_torch_setting(monkeypatch):
+    impl = attn_triton
+    q = torch.randn(1, 4, 1, 16, device="cuda")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert impl._precision(q) == "tf32"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert impl._precision(q) == "ieee"
+    for dtype in (torch.float16, torch.bfloat16):
+        assert impl._precision(q.to(dtype)) == "tf32"  # ignored by 16-bit dots
+
+
+@pytest.mark.cuda
+def test_triton_many_batch_heads_cuda():
+    # B * H past the 65535 limit of grid axes 1 and 2.
+    B, H, T, D = 2, 33000, 5, 16
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", requires_grad=True) for _ in range(3))
+    spec = masks.causal()
+    out = bk.block_attention(q, k, v, spec)
+    out.sum().backward()
+    ref_in = [x.detach()[:, :, -3:].double().requires_grad_() for x in (q, k, v)]
+    ref = reference.block_attention(*ref_in, spec, D ** -0.5)
+    ref.sum().backward()
+    assert_close_rel(out[:, :, -3:], ref, torch.float32)
+    assert_close_rel(q.grad[:, :, -3:], ref_in[0].grad, torch.float32)
+
+
+@pytest.mark.cuda
+def test_triton_kv_lens_no_host_sync_cuda(monkeypatch):
+    monkeypatch.setenv("BLOCKMDM_AUTOTUNE", "0")
+    q, k, v = (torch.randn(2, 70, 2, 32, device="cuda", requires_grad=True) for _ in range(3))
+    kv_lens = torch.tensor([70, 33], device="cuda")
+    mb = torch.rand(2, 5, device="cuda") < 0.5
+    for spec in (masks.causal(kv_lens=kv_lens), masks.jigsaw(16, mb, kv_lens=kv_lens)):
+        bk.block_attention(q, k, v, spec).sum().backward()  # compile outside the check
+        spec = spec.replace(kv_lens=kv_lens.clone())
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            bk.block_attention(q, k, v, spec).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)

@@ -94,13 +94,14 @@ def test_dense_matches_definition(p):
         assert torch.equal(dense[b], want)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mask_params, st.sampled_from([(1, 1), (2, 3), (4, 4), (16, 8), (8, 32)]))
-def test_tile_map_matches_dense(p, tiles):
+def test_dense_tile_map_matches_dense(p, tiles):
+    # The oracle of the tile-map tests below, checked tile by tile against the dense mask.
     spec, Tq, Tk = _build(p)
     bm, bn = tiles
     dense = spec.dense(Tq, Tk)
-    tm = spec.tile_map(Tq, Tk, bm, bn)
+    tm = masks._dense_tile_map(spec, Tq, Tk, bm, bn)
     n_q, n_k = -(-Tq // bm), -(-Tk // bn)
     assert tm.state.shape == (dense.shape[0], n_q, n_k)
     for b in range(dense.shape[0]):
@@ -114,6 +115,73 @@ def test_tile_map_matches_dense(p, tiles):
         for ik in range(n_k):
             col = tm.q_index[b, ik, : tm.q_count[b, ik]].tolist()
             assert col == [iq for iq in range(n_q) if tm.state[b, iq, ik] != EMPTY]
+
+
+tile_params = st.fixed_dictionaries({
+    "kind": st.sampled_from(masks.KINDS),
+    "bs": st.integers(1, 12),
+    "prefix": st.integers(0, 20),
+    "batch": st.integers(1, 3),
+    "n": st.integers(1, 70),
+    "tq": st.integers(1, 80),
+    "q_offset": st.integers(0, 150),
+    "padded": st.booleans(),
+    "p_masked": st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    "bm": st.integers(1, 33),
+    "bn": st.integers(1, 33),
+    "seed": st.integers(0, 2**16),
+})
+
+
+def _assert_same_map(tm, want):
+    assert (tm.block_m, tm.block_n) == (want.block_m, want.block_n)
+    for name in ("state", "kv_count", "kv_index", "q_count", "q_index"):
+        got, ref = getattr(tm, name), getattr(want, name)
+        assert got.dtype == ref.dtype and torch.equal(got, ref), name
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tile_params)
+def test_tile_map_matches_dense_tile_map(p):
+    rng = torch.Generator().manual_seed(p["seed"])
+    n = max(p["n"], p["prefix"])
+    Tk = 2 * n if p["kind"] == "bd3" else n
+    kw = {"q_offset": p["q_offset"]}
+    if p["padded"]:
+        kw["kv_lens"] = torch.randint(0, Tk + 1, (p["batch"],), generator=rng)
+    bs, P = p["bs"], min(p["prefix"], n)
+    if p["kind"] == "jigsaw":
+        n_blocks = -(-(Tk - P) // bs) + int(torch.randint(0, 2, (), generator=rng))
+        kw["masked_blocks"] = torch.rand(p["batch"], n_blocks, generator=rng) < p["p_masked"]
+    if p["kind"] == "bd3":
+        kw["seq_len"] = n
+    spec = masks.MaskSpec(p["kind"], bs, P if p["kind"] not in ("full", "causal") else 0, **kw)
+    Tq = p["tq"]
+    want = masks._dense_tile_map(spec, Tq, Tk, p["bm"], p["bn"])
+    _assert_same_map(spec.tile_map(Tq, Tk, p["bm"], p["bn"]), want)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mask_params, st.sampled_from([(1, 1, 2, 3), (2, 3, 2, 2), (3, 2, 4, 1), (4, 4, 3, 5)]))
+def test_tile_map_coarsened_from_a_finer_one(p, tiles):
+    spec, Tq, Tk = _build(p)
+    bm, bn, rm, rn = tiles
+    spec.tile_map(Tq, Tk, bm, bn)
+    coarse = spec.tile_map(Tq, Tk, bm * rm, bn * rn)
+    _assert_same_map(coarse, masks._dense_tile_map(spec, Tq, Tk, bm * rm, bn * rn))
+
+
+def test_tile_map_never_builds_the_dense_mask(monkeypatch):
+    def no_rows(*args, **kwargs):
+        raise AssertionError("tile_map evaluated the dense predicate")
+
+    monkeypatch.setattr(masks.MaskSpec, "_rows", no_rows)
+    mb = torch.rand(4, 40) < 0.5
+    for spec in (masks.jigsaw(64, mb, prefix=3, kv_lens=torch.tensor([5, 2000, 2563, 0])),
+                 masks.bd3(32, prefix=7, seq_len=1280), masks.scatter(7, prefix=9),
+                 masks.causal(q_offset=100)):
+        tm = spec.tile_map(2563, 2563 if spec.kind != "bd3" else 2560, 64, 32)
+        assert tm.state.shape[1:] == (41, 81 if spec.kind != "bd3" else 80)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
