@@ -254,8 +254,7 @@ class Transformer(nn.Module):
             start: position of x[:, 0] (where the call writes into the cache).
             positions: int64 [t] or [B, t] RoPE positions, each < max_len; default
                 start..start+t-1. BD3 training gives both halves of [x_t | x_0] the positions
-                0..n-1. Checked on CPU tensors only: reading device values would stall the
-                device (an out-of-range position then fails inside the index kernel).
+                0..n-1. On CUDA an out-of-range position fails as a device-side assert.
             masked: continuous task only, bool [B, t]: vectors replaced by the mask embedding.
         """
         if self.continuous:
@@ -285,10 +284,12 @@ class Transformer(nn.Module):
             sin = self.rope_sin[start:start + t].unsqueeze(0)
         else:
             positions = positions if positions.dim() == 2 else positions.unsqueeze(0)
-            if positions.device.type == "cpu" and not torch.compiler.is_compiling() \
-                    and positions.numel() and int(positions.max()) >= self.config.max_len:
-                raise ValueError(f"positions must be < max_len={self.config.max_len}")
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            try:
+                # The index kernel checks the bounds (a device assert on CUDA): reading the
+                # positions here would make every call wait for the device.
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            except IndexError:
+                raise ValueError(f"positions must be < max_len={self.config.max_len}") from None
         if mask is None:
             mask = masks.full(q_offset=start)
         for layer in self.layers:
