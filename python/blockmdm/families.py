@@ -356,6 +356,12 @@ def get_family(name: str) -> Family:
 
 def family_loss(model, batch: Corrupted, *, scale: float = 1.0):
     """The weighted loss of a corrupted batch: sum(weights * loss) / batch.normaliser * scale."""
+    return family_loss_sum(model, batch) * (scale / batch.normaliser)
+
+
+def family_loss_sum(model, batch: Corrupted):
+    """sum(weights * loss) of a corrupted batch: the model forward and the loss, with no
+    Python number that changes between steps (what torch.compile traces as one graph)."""
     h = model.hidden_states(batch.inputs, mask=batch.spec(), positions=batch.positions,
                             masked=batch.masked)
     if batch.inputs.is_floating_point():
@@ -363,7 +369,7 @@ def family_loss(model, batch: Corrupted, *, scale: float = 1.0):
     else:
         total = model.token_loss(h, batch.targets, batch.weights, focal_gamma=batch.focal_gamma,
                                  rows=batch.selected)
-    return total * (scale / batch.normaliser)
+    return total
 
 
 @torch.no_grad()

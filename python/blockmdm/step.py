@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from blockmdm.data import batch_indices, noise_generator
-from blockmdm.families import Corrupted, family_loss, get_family
+from blockmdm.families import Corrupted, family_loss, family_loss_sum, get_family
 from blockmdm.model import _CE_KEYWORDS
 from blockmdm.runtime import autocast
 
@@ -41,10 +41,19 @@ def uses_graphs(mode: str | None, device: torch.device) -> bool:
     return device.type == "cuda" and mode in _GRAPH_MODES
 
 
-def compile_loss(*, mode: str | None = None, backend: str = "inductor"):
-    """``family_loss`` compiled as one graph (model forward and loss; fullgraph=True)."""
-    kw = {} if backend != "inductor" or mode in (None, "default") else {"mode": mode}
-    return torch.compile(family_loss, fullgraph=True, backend=backend, **kw)
+def compile_loss(*, mode: str | None = None, backend="inductor"):
+    """``family_loss`` with the model forward and the weighted loss sum compiled as one graph
+    (fullgraph=True); the division by the batch's normaliser, a Python float that changes
+    between steps (a recompile each time if traced), stays outside.
+
+    ``backend``: a torch.compile backend (name or callable); ``mode`` applies to inductor.
+    """
+    kw = {"mode": mode} if backend == "inductor" and mode not in (None, "default") else {}
+    compiled = torch.compile(family_loss_sum, fullgraph=True, backend=backend, **kw)
+
+    def loss(model, batch: Corrupted, *, scale: float = 1.0):
+        return compiled(model, batch) * (scale / batch.normaliser)
+    return loss
 
 
 class LossModule(torch.nn.Module):
@@ -105,6 +114,7 @@ class Trainer:
         self.local_b = cfg.batch_size // world
         mode = compile_mode(cfg.compile_mode, self.device, world) if cfg.compile else None
         self.graphs = uses_graphs(mode, self.device)
+        self.compiled = cfg.compile or loss_fn is not None
         if loss_fn is None:
             loss_fn = compile_loss(mode=mode) if cfg.compile else family_loss
         self.loss = LossModule(model, loss_fn)
@@ -132,6 +142,9 @@ class Trainer:
         """Forward, backward and optimizer step on a host shard; no host sync on CUDA."""
         batch = shard.to(self.device, non_blocking=True)
         batch.spec()
+        if self.compiled and not self.graphs and batch.selected is not None:
+            # The number of loss rows changes every step: one graph for all of them.
+            torch._dynamo.maybe_mark_dynamic(batch.selected, 0)
         if self.graphs:
             # The optimizer runs outside the graphs: each step starts a new graph generation.
             torch.compiler.cudagraph_mark_step_begin()
