@@ -26,13 +26,17 @@ from blockmdm.runtime import autocast
 _GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def compile_mode(mode: str | None, device: torch.device, world: int = 1) -> str:
+def compile_mode(mode: str | None, device: torch.device, world: int = 1,
+                 family: str | None = None) -> str:
     """The torch.compile mode of a run: ``mode`` when given, else "reduce-overhead" (CUDA
     graphs) on a single CUDA device whose cross-entropy takes ``rows`` (without it the kernel
-    finds the loss rows with a nonzero(), which a graph cannot capture), else "default"."""
+    finds the loss rows with a nonzero(), which a graph cannot capture), else "default".
+
+    jigsaw gets "default" unless asked: its mask changes with every batch, and a replayed
+    graph is only right if the attention rebuilds its tile maps inside the graph."""
     if mode is not None:
         return mode
-    if device.type == "cuda" and world == 1 and "rows" in _CE_KEYWORDS:
+    if device.type == "cuda" and world == 1 and "rows" in _CE_KEYWORDS and family != "jigsaw":
         return "reduce-overhead"
     return "default"
 
@@ -112,7 +116,8 @@ class Trainer:
         self.device, self.rank, self.world = torch.device(device), rank, world
         self.family = get_family(cfg.family)
         self.local_b = cfg.batch_size // world
-        mode = compile_mode(cfg.compile_mode, self.device, world) if cfg.compile else None
+        mode = compile_mode(cfg.compile_mode, self.device, world, cfg.family) \
+            if cfg.compile else None
         self.graphs = uses_graphs(mode, self.device)
         self.compiled = cfg.compile or loss_fn is not None
         if loss_fn is None:

@@ -94,6 +94,8 @@ def test_compile_mode_choice():
     graphs = "reduce-overhead" if "rows" in _CE_KEYWORDS else "default"
     assert compile_mode(None, cuda) == graphs
     assert compile_mode(None, cuda, world=2) == "default"
+    assert compile_mode(None, cuda, family="jigsaw") == "default"
+    assert compile_mode("reduce-overhead", cuda, family="jigsaw") == "reduce-overhead"
     assert compile_mode("max-autotune-no-cudagraphs", cuda) == "max-autotune-no-cudagraphs"
     assert uses_graphs("reduce-overhead", cuda) and uses_graphs("max-autotune", cuda)
     assert not uses_graphs("reduce-overhead", cpu) and not uses_graphs("default", cuda)
@@ -140,13 +142,14 @@ def test_inductor_step_matches_eager():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_compiled_step_matches_eager(family):
+@pytest.mark.parametrize("family, mode", [(f, None) for f in FAMILIES]
+                         + [("jigsaw", "reduce-overhead")])
+def test_cuda_compiled_step_matches_eager(family, mode):
     # On CUDA, compile picks CUDA graphs when the cross-entropy takes ``rows``.
     cfg = _cfg(family, device="cuda", steps=4, log_every=4)
     eager = _losses(_trainer(cfg, device="cuda"), cfg.steps)
-    trainer = _trainer(_cfg(family, device="cuda", steps=4, log_every=4, compile=True),
-                       device="cuda")
+    trainer = _trainer(_cfg(family, device="cuda", steps=4, log_every=4, compile=True,
+                            compile_mode=mode), device="cuda")
     compiled = _losses(trainer, cfg.steps)
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-2,
                                atol=2e-2)
