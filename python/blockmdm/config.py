@@ -45,7 +45,8 @@ class TrainConfig:
 
     ``compile``: run the model and loss of each step through ``torch.compile`` (one graph).
     ``compile_mode``: its mode; None picks "reduce-overhead" (CUDA graphs, replayed at fixed
-    shapes) on CUDA when the cross-entropy takes its ``rows`` argument, else "default".
+    shapes) on one CUDA device when the cross-entropy takes its ``rows`` argument (jigsaw
+    excepted), else "default" (see :func:`blockmdm.step.compile_mode`).
     """
 
     task: str = "sudoku"
