@@ -8,16 +8,19 @@ the device part of a training step (async copy, forward, loss, backward, clippin
 on a batch object seen for the first time, so its mask spec (and, for jigsaw, the tile maps of
 its fresh ``masked_blocks``) is built inside the step, as in training; ``cached ms`` is the same
 step on a batch whose spec is already built (every mask cache hit); ``ratio`` = step / cached
-(the issue's target: <= 1.1). CPU rows: one thread and torch's default thread count. The table
-goes to stdout; ``--out DIR`` also writes DIR/train_step.md and .csv.
+(the issue's target: <= 1.1). CPU rows: one thread and torch's default thread count, the three
+timed in turns (median of 7); CUDA: triton's do_bench. The table goes to stdout; ``--out DIR``
+also writes DIR/train_step.md and .csv.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -87,11 +90,27 @@ def measure_family(family: str, shape: str, device: str) -> dict:
         steps_done()
         trainer.device_step(cached, rate)
 
-    ms = {}
-    for name, fn in (("data", data), ("step", step), ("cached", step_cached)):
-        ms[name] = bench(fn, device)
-        sync(device)
-    return ms
+    fns = {"data": data, "step": step, "cached": step_cached}
+    if device != "cpu":
+        ms = {}
+        for name, fn in fns.items():
+            ms[name] = bench(fn, device)
+            sync(device)
+        return ms
+    return _interleaved(fns)
+
+
+def _interleaved(fns: dict, warmup: int = 2, rep: int = 7) -> dict:
+    """CPU: median ms of each function, timed in turns so that load from other jobs on the
+    machine falls on all of them alike."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + rep):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(shape: str, device: str, thread_counts) -> list[dict]:
