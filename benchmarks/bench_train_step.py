@@ -27,6 +27,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from blockmdm.config import TrainConfig, build_model  # noqa: E402
+from blockmdm.data import load_data  # noqa: E402
+from blockmdm.families import FAMILIES  # noqa: E402
+from blockmdm.step import Trainer  # noqa: E402
+from blockmdm.train import make_optimizer  # noqa: E402
+
 from benchmarks.common import (  # noqa: E402
     arg_parser,
     bench,
@@ -36,11 +42,6 @@ from benchmarks.common import (  # noqa: E402
     sync,
     write_report,
 )
-from blockmdm.config import TrainConfig, build_model  # noqa: E402
-from blockmdm.data import load_data  # noqa: E402
-from blockmdm.families import FAMILIES  # noqa: E402
-from blockmdm.step import Trainer  # noqa: E402
-from blockmdm.train import make_optimizer  # noqa: E402
 
 # (task, task params, batch size): the study's sudoku (T = 163, head dim 16) and a small one.
 SHAPES = {

@@ -13,9 +13,9 @@ import os
 import sys
 
 from blockmdm import __version__
+from blockmdm.config import COMPILE_MODES
 from blockmdm.families import FAMILIES, WEIGHTINGS
 from blockmdm.model import PRESETS
-from blockmdm.config import COMPILE_MODES
 from blockmdm.train import TASKS
 
 

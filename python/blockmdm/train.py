@@ -13,9 +13,10 @@ A training step does not wait for the device (:mod:`blockmdm.step`): the loss, g
 and mask rate are read every ``log_every`` steps. A run folder holds ``run.json`` (the
 TrainConfig), ``metrics.jsonl`` (one JSON object per line: training lines ``{"split": "train",
 "step", "loss", "lr", "grad_norm", "mask_rate", "window"}`` every ``log_every`` steps, at
-checkpoints and at the end, with the means over the ``window`` steps ending at ``step``, and evaluation lines ``{"split": "eval",
-"step", "loss", <task metrics>}``), ``checkpoint.pt`` (model, optimizer, scheduler, RNG states
-and data position, written atomically) and ``model/`` (save_pretrained).
+checkpoints and at the end, with the means over the ``window`` steps ending at ``step``, and
+evaluation lines ``{"split": "eval", "step", "loss", <task metrics>}``), ``checkpoint.pt``
+(model, optimizer, scheduler, RNG states and data position, written atomically) and ``model/``
+(save_pretrained).
 
 The configuration lives in :mod:`blockmdm.config`, data in :mod:`blockmdm.data`, checkpoints in
 :mod:`blockmdm.checkpoint` and evaluation in :mod:`blockmdm.evaluate`; their public names are
