@@ -176,4 +176,5 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
 
 def _to_bkhd(x, dtype):
     """[B, Hkv, Tk, D] accumulator -> contiguous [B, Tk, Hkv, D] in ``dtype``."""
-    return x.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
+    # .to() returns its input unchanged when the dtype already matches, whatever the format.
+    return x.transpose(1, 2).to(dtype).contiguous()

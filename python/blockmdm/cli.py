@@ -18,6 +18,7 @@ import shlex
 import sys
 
 from blockmdm import __version__
+from blockmdm.config import COMPILE_MODES
 from blockmdm.families import FAMILIES, WEIGHTINGS
 from blockmdm.model import PRESETS
 from blockmdm.train import TASKS
@@ -50,8 +51,10 @@ def _run_train(args) -> int:
     fields = {k: getattr(args, k) for k in (
         "task", "family", "preset", "steps", "batch_size", "lr", "warmup", "block_size",
         "weighting", "seed", "n_train", "n_eval", "eval_every", "checkpoint_every",
-        "weight_decay", "grad_clip", "threads", "device")}
+        "weight_decay", "grad_clip", "threads", "device", "log_every", "compile_mode")}
     fields = {**base, **{k: v for k, v in fields.items() if v is not None}}
+    if args.compile or args.compile_mode:
+        fields["compile"] = True
     for name in ("task", "family"):
         if fields.get(name) is None:
             raise ValueError(f"--{name} is required (or a --config that sets it)")
@@ -130,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="task generation parameter, e.g. difficulty=0.5 (repeatable)")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for tiny, else torch's)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--log-every", type=int,
+                   help="read and log the loss every N steps (default: 1 for tiny, else 10)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model and loss (CUDA graphs on CUDA when possible)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile mode (implies --compile; default: reduce-overhead on "
+                        "CUDA, else default)")
     p.add_argument("--out", help="run folder (default runs/<task>-<family>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

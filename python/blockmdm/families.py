@@ -55,6 +55,10 @@ class Corrupted:
         focal_gamma: focal exponent of the cross-entropy.
         t: float [B] noise level per sequence (bd3: mean over blocks; ar: ones).
         mask_rate: float [B], fraction of targets masked.
+        selected: int64 [n] or None: token tasks, the ascending indices into the flattened
+            [B * T] of the positions in the loss (weight != 0, target != -100). Found on the
+            host while the batch is built, so the cross-entropy needs no nonzero() on the
+            device (its ``rows`` argument).
     """
 
     inputs: torch.Tensor
@@ -71,8 +75,18 @@ class Corrupted:
     focal_gamma: float = 0.0
     t: torch.Tensor = field(default=None)
     mask_rate: torch.Tensor = field(default=None)
+    selected: torch.Tensor | None = None
+    # The spec, built once per batch object (replace() starts a copy without it).
+    _spec: masks.MaskSpec | None = field(default=None, init=False, repr=False, compare=False)
 
     def spec(self) -> masks.MaskSpec:
+        """The attention mask of the batch; built on first use and kept, so a training step
+        that builds it before the model call (or under torch.compile) reuses the same spec."""
+        if self._spec is None:
+            self._spec = self._build_spec()
+        return self._spec
+
+    def _build_spec(self) -> masks.MaskSpec:
         if self.kind == "jigsaw":
             return masks.jigsaw(self.block_size, self.masked_blocks, self.prefix)
         if self.kind == "bd3":
@@ -85,16 +99,51 @@ class Corrupted:
         """The rows start..stop-1 (a data-parallel shard); the normaliser stays global."""
         def cut(x):
             return None if x is None or x.dim() == 0 or x is self.positions else x[start:stop]
-        return replace(self, inputs=cut(self.inputs), targets=cut(self.targets),
-                       weights=cut(self.weights), masked_blocks=cut(self.masked_blocks),
-                       masked=cut(self.masked), t=cut(self.t), mask_rate=cut(self.mask_rate))
+        out = replace(self, inputs=cut(self.inputs), targets=cut(self.targets),
+                      weights=cut(self.weights), masked_blocks=cut(self.masked_blocks),
+                      masked=cut(self.masked), t=cut(self.t), mask_rate=cut(self.mask_rate),
+                      selected=None)
+        # Finding the shard's loss rows reads values: free on the host, a sync on a device.
+        if self.selected is not None and out.targets.device.type == "cpu":
+            out.selected = _selected(out.targets, out.weights)
+        return out
 
-    def to(self, device) -> Corrupted:
+    def to(self, device, *, non_blocking: bool = False) -> Corrupted:
+        """The batch on ``device``. ``non_blocking``: host tensors go through pinned memory
+        and are copied asynchronously (no host sync for a CUDA device)."""
+        device = torch.device(device)
+        pin = non_blocking and device.type == "cuda" and torch.cuda.is_available()
+
         def mv(x):
-            return None if x is None else x.to(device)
+            if x is None or x.device == device:
+                return x
+            if pin and x.device.type == "cpu":
+                # The caching host allocator keeps the pinned block until the copy has run.
+                return x.pin_memory().to(device, non_blocking=True)
+            return x.to(device)
         return replace(self, inputs=mv(self.inputs), targets=mv(self.targets),
                        weights=mv(self.weights), masked_blocks=mv(self.masked_blocks),
-                       masked=mv(self.masked), positions=mv(self.positions))
+                       masked=mv(self.masked), positions=mv(self.positions),
+                       selected=mv(self.selected))
+
+    def all_rows(self) -> Corrupted:
+        """Token tasks: the same loss with every position a loss row: targets outside the loss
+        become 0 (their weight is 0) and ``selected`` is arange(B * T). The shapes no longer
+        depend on the noise, as replaying a step with CUDA graphs needs."""
+        if self.inputs.is_floating_point():
+            return self
+        keep = self.weights != 0
+        targets = torch.where(keep & (self.targets != -100), self.targets,
+                              torch.zeros_like(self.targets))
+        weights = torch.where(keep, self.weights, torch.zeros_like(self.weights))
+        rows = torch.arange(targets.numel(), device=targets.device)
+        return replace(self, targets=targets, weights=weights, selected=rows)
+
+
+def _selected(targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """int64 [n]: flattened indices of the positions in the loss (host tensors)."""
+    keep = (targets != -100) & (weights != 0)
+    return keep.reshape(-1).nonzero().squeeze(1)
 
 
 def _check(name, value, choices):
@@ -254,6 +303,8 @@ class Family:
         targetable = targetable.to(torch.bool).cpu() & (torch.arange(T) >= prefix)
         out = self.corrupt_fn(x.cpu(), prefix, targetable, block_size, weighting, generator,
                               mask_id, continuous)
+        if not continuous:
+            out.selected = _selected(out.targets, out.weights)
         return out.to(x.device)
 
     def decoder(self, block_size: int) -> dict:
@@ -305,13 +356,20 @@ def get_family(name: str) -> Family:
 
 def family_loss(model, batch: Corrupted, *, scale: float = 1.0):
     """The weighted loss of a corrupted batch: sum(weights * loss) / batch.normaliser * scale."""
+    return family_loss_sum(model, batch) * (scale / batch.normaliser)
+
+
+def family_loss_sum(model, batch: Corrupted):
+    """sum(weights * loss) of a corrupted batch: the model forward and the loss, with no
+    Python number that changes between steps (what torch.compile traces as one graph)."""
     h = model.hidden_states(batch.inputs, mask=batch.spec(), positions=batch.positions,
                             masked=batch.masked)
     if batch.inputs.is_floating_point():
         total = model.vector_loss(h, batch.targets, batch.weights)
     else:
-        total = model.token_loss(h, batch.targets, batch.weights, focal_gamma=batch.focal_gamma)
-    return total * (scale / batch.normaliser)
+        total = model.token_loss(h, batch.targets, batch.weights, focal_gamma=batch.focal_gamma,
+                                 rows=batch.selected)
+    return total
 
 
 @torch.no_grad()

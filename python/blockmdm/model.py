@@ -14,6 +14,7 @@ layer, replaces masked vectors by a learned mask embedding and writes d-dim pred
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ from torch import nn
 
 import blockmdm_kernels as bk
 from blockmdm_kernels import masks
+
+# Optional keywords of the cross-entropy that this installation accepts: ``rows`` lets a caller
+# that knows the loss rows spare the kernel its nonzero() (a host sync on CUDA).
+_CE_KEYWORDS = frozenset(inspect.signature(bk.linear_masked_cross_entropy).parameters)
 
 PRESETS = {
     "tiny": dict(n_layer=2, dim=64, n_head=4),
@@ -247,8 +252,9 @@ class Transformer(nn.Module):
             mask: a MaskSpec for this call (q_offset already set); None = full attention.
             cache: None or a :class:`KVCache` from :meth:`new_cache`.
             start: position of x[:, 0] (where the call writes into the cache).
-            positions: int64 [t] or [B, t] RoPE positions; default start..start+t-1. BD3
-                training gives both halves of [x_t | x_0] the positions 0..n-1.
+            positions: int64 [t] or [B, t] RoPE positions, each < max_len; default
+                start..start+t-1. BD3 training gives both halves of [x_t | x_0] the positions
+                0..n-1. On CUDA an out-of-range position fails as a device-side assert.
             masked: continuous task only, bool [B, t]: vectors replaced by the mask embedding.
         """
         if self.continuous:
@@ -278,9 +284,12 @@ class Transformer(nn.Module):
             sin = self.rope_sin[start:start + t].unsqueeze(0)
         else:
             positions = positions if positions.dim() == 2 else positions.unsqueeze(0)
-            if int(positions.max()) >= self.config.max_len:
-                raise ValueError(f"positions must be < max_len={self.config.max_len}")
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            try:
+                # The index kernel checks the bounds (a device assert on CUDA): reading the
+                # positions here would make every call wait for the device.
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            except IndexError:
+                raise ValueError(f"positions must be < max_len={self.config.max_len}") from None
         if mask is None:
             mask = masks.full(q_offset=start)
         for layer in self.layers:
@@ -293,16 +302,21 @@ class Transformer(nn.Module):
                                masked=masked)
         return self.head(h)
 
-    def token_loss(self, hidden, targets, weights, *, focal_gamma: float = 0.0):
+    def token_loss(self, hidden, targets, weights, *, focal_gamma: float = 0.0, rows=None):
         """Sum over selected rows of weights * cross-entropy, without building the logits.
 
         Args:
             hidden: [B, t, dim] from :meth:`hidden_states`; targets: int64 [B, t] (-100: not in
             the loss); weights: float [B, t] (0: not in the loss).
+            rows: int64 [n] or None: ascending flattened indices of every position in the loss
+                (the caller's promise that all others have weight 0 or target -100). Spares the
+                kernel finding them (a host sync on CUDA); ignored by a kernel library without
+                the ``rows`` argument.
         """
+        extra = {"rows": rows} if rows is not None and "rows" in _CE_KEYWORDS else {}
         return bk.linear_masked_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), self.head.weight, targets.reshape(-1),
-            weights.reshape(-1).float(), reduction="sum", focal_gamma=focal_gamma)
+            weights.reshape(-1).float(), reduction="sum", focal_gamma=focal_gamma, **extra)
 
     def vector_loss(self, hidden, targets, weights):
         """Sum over rows of weights * squared error of the read-out, summed over the d dims.

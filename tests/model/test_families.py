@@ -241,3 +241,30 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="mask_id"):
         fam.corrupt(_tokens(), prefix=P, block_size=BS)
     assert math.isclose(BD3_WINDOW[0], 0.3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_selected_rows_are_the_loss_positions(family):
+    batch = get_family(family).corrupt(_tokens(6), prefix=P, block_size=BS, generator=_gen(),
+                                       mask_id=MASK)
+
+    def expect(b):
+        return ((b.targets != -100) & (b.weights != 0)).flatten().nonzero().squeeze(1)
+
+    assert torch.equal(batch.selected, expect(batch))
+    shard = batch.rows(2, 5)
+    assert torch.equal(shard.selected, expect(shard))
+    moved = shard.to("cpu", non_blocking=True)
+    assert moved.selected is shard.selected and moved.inputs is shard.inputs
+    model = _model()
+    torch.testing.assert_close(family_loss(model, shard),
+                               family_loss(model, shard.rows(0, 3)), rtol=0, atol=0)
+
+
+def test_spec_is_built_once_per_batch():
+    batch = get_family("jigsaw").corrupt(_tokens(), prefix=P, block_size=BS, generator=_gen(),
+                                         mask_id=MASK)
+    assert batch.spec() is batch.spec()
+    shard = batch.rows(0, 2)
+    assert shard.spec() is not batch.spec()
+    assert torch.equal(shard.spec().masked_blocks, batch.masked_blocks[:2])

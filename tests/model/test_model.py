@@ -130,3 +130,10 @@ def test_bad_config(kw, match):
 def test_unknown_preset_lists_choices():
     with pytest.raises(ValueError, match="paper"):
         ModelConfig.from_preset("huge", vocab_size=10, mask_id=0)
+
+
+def test_positions_beyond_max_len_are_rejected():
+    model = _model(max_len=16)
+    tokens = torch.randint(0, V, (2, 4))
+    with pytest.raises(ValueError, match="positions must be < max_len=16"):
+        model(tokens, positions=torch.tensor([0, 1, 2, 16]))

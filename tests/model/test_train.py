@@ -168,3 +168,57 @@ def test_batch_must_split_over_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *a, **k: None)
     with pytest.raises(ValueError, match="divisible"):
         train(_cfg(tmp_path, batch_size=8), progress=False)
+
+
+def _lines(run):
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_log_every_windows(tmp_path):
+    every_step = train(_cfg(tmp_path / "a", family="jigsaw", block_size=2, log_every=1,
+                            steps=7), progress=False)["losses"]
+    records = []
+    cfg = _cfg(tmp_path / "b", family="jigsaw", block_size=2, log_every=4, checkpoint_every=3,
+               steps=7)
+    losses = train(cfg, progress=False, log=records.append)["losses"]
+    assert losses == every_step and len(losses) == 7
+    lines = [ln for ln in _lines(tmp_path / "b" / "run") if ln["split"] == "train"]
+    assert lines == records
+    # windows end at multiples of log_every, at checkpoints and at the end
+    assert [(ln["step"], ln["window"]) for ln in lines] == [(3, 3), (4, 1), (6, 2), (7, 1)]
+    for ln, (lo, hi) in zip(lines, [(0, 3), (3, 4), (4, 6), (6, 7)]):
+        assert ln["loss"] == pytest.approx(sum(losses[lo:hi]) / (hi - lo))
+        assert ln["grad_norm"] > 0 and 0 < ln["mask_rate"] <= 1
+
+
+def test_resume_from_a_checkpoint_logs_the_same_lines(tmp_path):
+    kw = dict(family="bd3", block_size=2, log_every=4, checkpoint_every=3, steps=8)
+    train(_cfg(tmp_path / "a", **kw), progress=False)
+    cfg = _cfg(tmp_path / "b", **kw)
+    train(cfg, progress=False, stop_at=3)
+    train(cfg, progress=False, resume=True)
+    assert _lines(tmp_path / "b" / "run") == _lines(tmp_path / "a" / "run")
+
+
+def test_cli_passes_log_every_and_compile(monkeypatch, capsys):
+    import blockmdm.train as train_module
+    from blockmdm.cli import main
+
+    seen = []
+
+    def fake_train(cfg, **kw):
+        seen.append(cfg)
+        return {"losses": [1.0], "eval": None, "seconds": 0.0}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    base = ["train", "--task", "pathfind", "--family", "mdm", "--quiet"]
+    assert main(base + ["--log-every", "5", "--compile"]) == 0
+    assert main(base + ["--compile-mode", "max-autotune-no-cudagraphs"]) == 0
+    assert main(base) == 0
+    (a, b, c) = seen
+    assert (a.log_every, a.compile, a.compile_mode) == (5, True, None)
+    assert (b.compile, b.compile_mode) == (True, "max-autotune-no-cudagraphs")
+    assert (c.log_every, c.compile) == (None, False)
+    with pytest.raises(SystemExit):
+        main(base + ["--compile-mode", "fast"])
+    assert "invalid choice" in capsys.readouterr().err
