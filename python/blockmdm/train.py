@@ -516,7 +516,7 @@ def load_run(run_dir: str):
     with open(path) as f:
         cfg = TrainConfig(**json.load(f))
     model_dir = os.path.join(run_dir, "model")
-    if os.path.exists(os.path.join(model_dir, "model.pt")):
+    if os.path.exists(os.path.join(model_dir, "config.json")):
         model = Transformer.from_pretrained(model_dir)
     else:
         data = load_data(cfg.task, 1, cfg.seed + 1, cfg.task_params)
