@@ -89,7 +89,7 @@ def run(cfg, device, rounds=3):
     B, T, P, bs, L, D, H, Hkv, V = cfg
     model, ids = make(*cfg, device)
     ours, base = ours_step(model, ids, P, bs, V, 1), baseline_step(model, ids, P, bs, V, 1)
-    loss_ours, loss_base = float(ours()), float(base())
+    loss_ours, loss_base = ours().item(), base().item()
     if abs(loss_ours - loss_base) > 1e-4 * abs(loss_base):
         raise AssertionError(f"losses differ: ours {loss_ours}, baseline {loss_base}")
     row = {"B": B, "T": T, "prefix": P, "block": bs, "layers": L, "hidden": D, "heads": H,
