@@ -250,9 +250,36 @@ def test_masked_diffusion_loss_bad_input():
         masked_diffusion_loss(torch.nn.Linear(2, 2), ids, family="mdm", mask_id=MASK)
     with pytest.raises(TypeError, match="LM head"):
         masked_diffusion_loss(model.model, ids, family="mdm", mask_id=MASK)
+    model.config.logit_scale = 0.5
+    with pytest.raises(ValueError, match="logit_scale"):
+        masked_diffusion_loss(model, ids, family="mdm", mask_id=MASK)
+    model.config.logit_scale = None
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="softcapping"):
+        masked_diffusion_loss(model, ids, family="mdm", mask_id=MASK)
+    model.config.final_logit_softcapping = None
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="attn_implementation"):
         masked_diffusion_loss(model, ids, family="mdm", mask_id=MASK)
+
+
+def test_decode_model_without_a_cache_argument():
+    class NoCache(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, position_ids=None, use_cache=None, **kwargs):
+            return super().forward(input_ids=input_ids, position_ids=position_ids,
+                                   use_cache=False, **kwargs)
+
+    register()
+    torch.manual_seed(0)
+    model = NoCache(transformers.LlamaConfig(**COMMON, attn_implementation="blockmdm")).eval()
+    assert not hasattr(HFDecoder(model), "new_cache")
+    prompt = torch.randint(0, MASK, (1, 5))
+    kw = dict(strategy="confidence", block_size=4, attention="block_causal", mask_id=MASK)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        decode(model, prompt, 8, **kw)
+    plain = decode(model, prompt, 8, use_cache=False, **kw)
+    model.__class__ = transformers.LlamaForCausalLM
+    torch.testing.assert_close(decode(model, prompt, 8, **kw).tokens, plain.tokens)
 
 
 def test_attention_bad_input():

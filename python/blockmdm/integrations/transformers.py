@@ -155,9 +155,15 @@ def masked_diffusion_loss(model, input_ids: torch.Tensor, *, family: str,
                          + (f"{input_ids.dtype} {tuple(input_ids.shape)}"
                             if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
     _check_backend(model, "masked_diffusion_loss")
+    # The fused loss applies the head's weight and bias only: a model that post-processes its
+    # logits would be trained on a different function than it decodes with.
     if getattr(model.config, "final_logit_softcapping", None) is not None:
         raise ValueError("masked_diffusion_loss does not apply final_logit_softcapping; this "
                          "model's logits are not a plain linear head")
+    if getattr(model.config, "logit_scale", None) not in (None, 1, 1.0):
+        raise ValueError(f"masked_diffusion_loss does not apply logit_scale "
+                         f"({model.config.logit_scale}); this model's logits are not a plain "
+                         "linear head")
     head = _head(model)
     if mask_id is None:
         mask_id = getattr(model.config, "mask_token_id", None)
