@@ -296,3 +296,15 @@ def test_attention_bad_input():
         dropping(ids, **{MASK_KWARG: masks.full()})
     with pytest.raises(TypeError, match="cache"):
         HFDecoder(model)(ids, cache=object())
+
+
+def test_loaded_with_attn_implementation(tmp_path):
+    model = _model(attn="sdpa").eval()
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="blockmdm").eval()
+    assert loaded.config._attn_implementation == "blockmdm"
+    ids = torch.randint(0, MASK, (2, 11))
+    spec = masks.block_causal(3, prefix=4)
+    ref = model(ids, attention_mask=spec.dense(11, 11)[:, None]).logits
+    assert_close_rel(loaded(ids, **{MASK_KWARG: spec}).logits, ref, torch.float32)
