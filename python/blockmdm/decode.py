@@ -8,6 +8,11 @@
 
     logits = model(tokens, *, mask=None, cache=None, start=0)   # tokens [B, t] -> [B, t, V]
 
+(the output may also be an object with ``.logits``, like a transformers ModelOutput). A
+transformers model built with ``attn_implementation="blockmdm"`` is accepted as it is: it is
+called with the mask as ``blockmdm_mask`` and its own DynamicCache serves the prefix cache
+(:mod:`blockmdm.integrations.transformers`).
+
 ``tokens`` are the sequence positions ``start .. start + t - 1``; ``mask`` a
 :class:`blockmdm_kernels.masks.MaskSpec` already carrying ``q_offset=start``; ``cache`` None or
 ``model.new_cache(batch_size, max_len)``: a call writes the K/V of its positions into the cache
@@ -75,6 +80,7 @@ sent.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +158,7 @@ def decode(model, prompt: torch.Tensor, length: int, *, strategy: str, steps: in
         :class:`DecodeResult`.
     """
     _check_prompt(prompt)
+    model = _as_model(model)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     _check_int("length", length, 1)
@@ -217,6 +224,26 @@ def decode(model, prompt: torch.Tensor, length: int, *, strategy: str, steps: in
             run.scatter(steps)
     return DecodeResult(run.x, run.nfe, run.steps, run.committed, run.commit_step,
                         run.forward_tokens)
+
+
+def _as_model(model):
+    """A transformers model wrapped into the model contract (its blockmdm backend, its own KV
+    cache); anything else as it is."""
+    transformers = sys.modules.get("transformers")
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+        from blockmdm.integrations.transformers import as_decoder
+
+        return as_decoder(model)
+    return model
+
+
+def _logits(out) -> torch.Tensor:
+    """The logits tensor of a model call: the output itself or its ``.logits`` (HF ModelOutput)."""
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"model must return a logits tensor [B, t, V] or an object with .logits, "
+                        f"got {type(out).__name__}")
+    return logits
 
 
 def _check_prompt(prompt) -> None:
@@ -287,7 +314,7 @@ class _Run:
         return out.index_add_(1, self.block_of, values)
 
     def _call(self, tokens, spec, start):
-        logits = self.model(tokens, mask=spec, cache=self.cache, start=start)
+        logits = _logits(self.model(tokens, mask=spec, cache=self.cache, start=start))
         self.nfe += 1
         self.forward_tokens += tokens.shape[1]
         return logits

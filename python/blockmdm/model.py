@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import blockmdm_kernels as bk
@@ -331,30 +332,85 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, directory) -> None:
-        """Writes config.json and model.pt (a plain state dict)."""
+        """Writes config.json and model.safetensors (the state dict; no pickled code)."""
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(self.config), f, indent=2)
-        _atomic_save(self.state_dict(), os.path.join(directory, "model.pt"))
+        _atomic_write_text(os.path.join(directory, "config.json"),
+                           json.dumps(dataclasses.asdict(self.config), indent=2))
+        # safetensors refuses tensors that share storage and needs them contiguous; the state
+        # dict of this model has no shared tensors.
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        _atomic_save_safetensors(state, os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu") -> Transformer:
-        """Loads what :meth:`save_pretrained` wrote; never executes code from the files."""
-        with open(os.path.join(directory, "config.json")) as f:
+        """Loads what :meth:`save_pretrained` wrote: config.json with model.safetensors, or with
+        model.pt (the earlier format, read with ``weights_only=True``). Never executes code from
+        the files. Raises ValueError on unknown config fields, missing or unexpected tensors and
+        tensors of the wrong shape."""
+        directory = os.fspath(directory)
+        config_path = os.path.join(directory, "config.json")
+        if not os.path.isfile(config_path):
+            raise ValueError(f"directory must hold a saved model: {config_path} does not exist")
+        with open(config_path) as f:
             fields = json.load(f)
+        if not isinstance(fields, dict):
+            raise ValueError(f"{config_path} must hold a JSON object of ModelConfig fields")
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(fields) - known)
         if unknown:
             raise ValueError(f"config.json has unknown fields {unknown}")
         model = cls(ModelConfig(**fields))
-        state = torch.load(os.path.join(directory, "model.pt"), map_location=map_location,
-                           weights_only=True)
+        state = _read_weights(directory, map_location)
+        _check_state(model.state_dict(), state, directory)
         model.load_state_dict(state)
         return model
 
 
-def _atomic_save(obj, path) -> None:
+WEIGHTS_NAME = "model.safetensors"
+LEGACY_WEIGHTS_NAME = "model.pt"
+
+
+def _read_weights(directory: str, map_location) -> dict:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        device = map_location if isinstance(map_location, str) else str(map_location or "cpu")
+        return load_file(path, device=device)
+    legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
+    if os.path.isfile(legacy):
+        return torch.load(legacy, map_location=map_location, weights_only=True)
+    raise ValueError(f"{directory} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
+
+
+def _check_state(expected: dict, state: dict, directory: str) -> None:
+    """ValueError naming every missing, unexpected or mis-shaped tensor (load_state_dict's own
+    message is a RuntimeError that buries the shapes in a long list)."""
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    for name in sorted(set(expected) & set(state)):
+        if not isinstance(state[name], torch.Tensor):
+            problems.append(f"{name} is a {type(state[name]).__name__}, not a tensor")
+        elif tuple(state[name].shape) != tuple(expected[name].shape):
+            problems.append(f"{name} has shape {tuple(state[name].shape)}, the config expects "
+                            f"{tuple(expected[name].shape)}")
+    if problems:
+        raise ValueError(f"weights in {directory} do not match its config.json: "
+                         + "; ".join(problems))
+
+
+def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save_safetensors(state: dict, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)
 
