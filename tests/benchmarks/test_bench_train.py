@@ -108,3 +108,34 @@ def test_summary_reports_the_headline_length():
     text = bt.summary(rows, "cpu")
     assert "block: ours 1.50x plain; ours/ar 0.90, plain/ar 0.60" in text
     assert bt.summary(rows, "cuda") == ""
+
+
+def test_summary_names_flex_when_measured():
+    rows = [{"T": 2048, "family": "bd3", "ours vs plain": 2.0, "ours vs flex": 1.25,
+             "ours / ar tok/s": 0.5, "plain / ar tok/s": 0.25}]
+    assert "bd3: ours 2.00x plain, 1.25x flex;" in bt.summary(rows, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_and_flex_match_ours_on_cuda(family):
+    model = bt.make_model(TINY, 13, 23, "cuda", seed=1)
+    batch = bt.make_batch(family, 23, 13, 3, 5, 4, "cuda", seed=2, weighting="mgdm")
+    loss, grads = _loss_and_grads(model, family_loss, batch)
+    for attention in ("sdpa", "flex"):
+        plain, plain_grads = _loss_and_grads(
+            model, lambda m, b, a=attention: bt.plain_loss(m, b, a), batch)
+        torch.testing.assert_close(plain, loss, rtol=1e-4, atol=0)
+        for name, grad in grads.items():
+            assert _rel(plain_grads[name], grad) < 1e-4, (attention, name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["ar", "jigsaw", "bd3"])
+def test_bf16_train_steps_agree_on_cuda(family):
+    # bf16 autocast rounds differently along the two paths: the losses agree to bf16 precision
+    model = bt.make_model(TINY, 13, 23, "cuda", seed=1)
+    batch = bt.make_batch(family, 23, 13, 3, 5, 4, "cuda", seed=2)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours, plain = family_loss(model, batch), bt.plain_loss(model, batch)
+    torch.testing.assert_close(plain.float(), ours.float(), rtol=2e-2, atol=0)
