@@ -171,8 +171,10 @@ def implementations(flex: bool) -> dict:
     return impls
 
 
-def measure(model, opt, family, shape, device, memory: bool, flex: bool, ar_tok_s: dict):
-    """One report row: every implementation's step on one family's batch."""
+def measure(model, opt, family, shape, device, memory: bool, flex: bool, ar_tok_s: dict,
+            one_thread_T: int | None = None):
+    """One report row: every implementation's step on one family's batch. ``one_thread_T``:
+    the length whose rows also time ours and plain on one CPU thread (None: no such columns)."""
     T, V, B, prefix, block_size = shape
     batch = make_batch(family, T, V, B, prefix, block_size, device)
     autocast = device == "cuda"
@@ -192,6 +194,18 @@ def measure(model, opt, family, shape, device, memory: bool, flex: bool, ar_tok_
         ar_tok_s.update({name: row[f"{name} tok/s"] for name in fns})
     for name in ("ours", "plain"):
         row[f"{name} / ar tok/s"] = row[f"{name} tok/s"] / ar_tok_s[name] if ar_tok_s else ""
+    if one_thread_T is not None:
+        row.update({"ours ms 1 thread": "", "plain ms 1 thread": "",
+                    "ours vs plain 1 thread": ""})
+        if T == one_thread_T:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                ms1 = bench_interleaved({"ours": fns["ours"], "plain": fns["plain"]}, device)
+            finally:
+                torch.set_num_threads(threads)
+            row.update({"ours ms 1 thread": ms1["ours"], "plain ms 1 thread": ms1["plain"],
+                        "ours vs plain 1 thread": ms1["plain"] / ms1["ours"]})
     if memory:
         for name, fn in fns.items():
             row[f"{name} peak MB"] = peak_memory(fn, device) / 2**20
@@ -213,7 +227,8 @@ def summary(rows, device: str) -> str:
     return "\n".join(lines)
 
 
-def run(device: str, size: str, report: Report, families=FAMILIES):
+def run(device: str, size: str, report: Report, families=FAMILIES, one_thread: bool = False):
+    """The rows of one run size; ``one_thread`` adds 1-thread columns at T = 512."""
     backbone = BACKBONES[size]
     memory = size != "smoke" or device == "cuda"
     # FlexAttention compiles once per family and length: only the full CUDA run affords it
@@ -224,7 +239,8 @@ def run(device: str, size: str, report: Report, families=FAMILIES):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ar_tok_s = {}
         for family in families:
-            report.add(measure(model, opt, family, shape, device, memory, flex, ar_tok_s))
+            report.add(measure(model, opt, family, shape, device, memory, flex, ar_tok_s,
+                               512 if one_thread else None))
         del model, opt
 
 
@@ -232,6 +248,8 @@ def main(argv=None):
     args = parse_args(arg_parser(__doc__), argv)
     size = "smoke" if args.smoke else "quick" if args.quick else args.device
     backbone = BACKBONES[size]
+    # the headline uses the default thread count, the CPU default run adds a 1-thread column
+    one_thread = size == "cpu" and not args.threads
     notes = (
         "One training step = zero_grad, forward, loss, backward, AdamW step "
         f"({'bf16 autocast, fp32 weights' if args.device == 'cuda' else 'fp32'}). "
@@ -247,11 +265,13 @@ def main(argv=None):
         "implementation. Times are medians (CPU: one call of each implementation per round, "
         "interleaved, after a warm-up; CUDA: see benchmarks/common.py); peak MB is "
         "`benchmarks.common.peak_memory` of one step"
-        f"; {torch.get_num_threads()} torch thread(s)."
+        f"; {torch.get_num_threads()} torch thread(s)"
+        + ("; the `1 thread` columns (T = 512 rows) time ours and plain on one thread."
+           if one_thread else ".")
     )
     report = Report("train", "Training throughput: blockmdm kernels vs plain PyTorch",
                     args.device, notes, args.out)
-    run(args.device, size, report)
+    run(args.device, size, report, one_thread=one_thread)
     return report.close(summary(report.rows, args.device))
 
 

@@ -139,3 +139,23 @@ def test_bf16_train_steps_agree_on_cuda(family):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ours, plain = family_loss(model, batch), bt.plain_loss(model, batch)
     torch.testing.assert_close(plain.float(), ours.float(), rtol=2e-2, atol=0)
+
+
+def test_one_thread_columns_at_the_chosen_length_only(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_bench(fns, device):
+        seen.append(torch.get_num_threads())
+        return {name: 2.0 if name == "plain" else 1.0 for name in fns}
+
+    monkeypatch.setattr(bt, "bench_interleaved", fake_bench)
+    threads = torch.get_num_threads()
+    model = bt.make_model(bt.BACKBONES["smoke"], 12, 163, "cpu")
+    opt = torch.optim.AdamW(model.parameters())
+    ar = {}
+    row = bt.measure(model, opt, "ar", bt.SHAPES["smoke"][0], "cpu", False, False, ar, 163)
+    assert seen == [threads, 1] and torch.get_num_threads() == threads
+    assert row["ours vs plain 1 thread"] == 2.0
+    other = bt.measure(model, opt, "bd3", bt.SHAPES["smoke"][0], "cpu", False, False, ar, 512)
+    assert other["ours ms 1 thread"] == "" and list(other) == list(row)
+    assert other["ours / ar tok/s"] == 1.0
