@@ -8,11 +8,11 @@ Ours is ``family_loss`` (``bk.block_attention`` under the family's mask spec, th
 ``bk.linear_masked_cross_entropy`` on the hidden states). Plain is :func:`plain_loss`: the same
 parameters, the forward rewritten the way the study's and peers' code writes it, with
 ``F.scaled_dot_product_attention`` under the dense boolean mask ``spec.dense(...)`` (built per
-step, since a jigsaw mask depends on the batch), the full ``[B, T, V]`` logits and
-``F.cross_entropy(reduction="none")`` times the loss weights (focal factor included). In the
-full CUDA run a third column, flex, uses compiled FlexAttention with a block mask from
-``spec.mask_mod`` (built per step as well) in place of SDPA, which is what a peer would pick
-there.
+step, since a jigsaw mask depends on the batch; ar and mdm use ``is_causal`` / no mask), the
+full ``[B, T, V]`` logits and ``F.cross_entropy(reduction="none")`` times the loss weights
+(focal factor included). In the full CUDA run a third column, flex, uses compiled
+FlexAttention with a block mask from ``spec.mask_mod`` (built per step as well) in place of
+SDPA, which is what a peer would pick there.
 
 Shapes (fixed per sequence length; the batch keeps the tokens per step comparable):
 - T = 163: sudoku-like, V = 12, prompt 82, block 9;
@@ -83,6 +83,11 @@ def _attention_fn(attention: str, batch, T: int, device):
     forward as a training loop would."""
     spec = batch.spec()
     if attention == "sdpa":
+        # causal and full attention need no mask tensor (SDPA's flash path), as any AR or MDM
+        # codebase writes them; the other families pass the dense mask
+        if spec.kind in ("causal", "full"):
+            causal = spec.kind == "causal"
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         mask = spec.dense(T, T, device).unsqueeze(1)  # [B or 1, 1, T, T]
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -254,7 +259,8 @@ def main(argv=None):
         "One training step = zero_grad, forward, loss, backward, AdamW step "
         f"({'bf16 autocast, fp32 weights' if args.device == 'cuda' else 'fp32'}). "
         "Ours = `family_loss` (bk.block_attention + bk.linear_masked_cross_entropy); plain = "
-        "the same weights with SDPA under the dense boolean mask and full logits + "
+        "the same weights with SDPA under the dense boolean mask (ar: is_causal, mdm: no mask) "
+        "and full logits + "
         "F.cross_entropy(reduction='none') * weights"
         + ("; flex = plain with compiled FlexAttention and a block mask from the spec"
            if size == "cuda" else "")
