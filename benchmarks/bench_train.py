@@ -1,0 +1,292 @@
+"""Training throughput of every family: one full step (forward + backward + AdamW) with the
+blockmdm kernels against the same step written in plain PyTorch, on the same weights and batch.
+
+    python benchmarks/bench_train.py [--device cpu|cuda] [--quick] [--smoke] [--out DIR]
+                                     [--threads N]
+
+Ours is ``family_loss`` (``bk.block_attention`` under the family's mask spec, then
+``bk.linear_masked_cross_entropy`` on the hidden states). Plain is :func:`plain_loss`: the same
+parameters, the forward rewritten the way the study's and peers' code writes it, with
+``F.scaled_dot_product_attention`` under the dense boolean mask ``spec.dense(...)`` (built per
+step, since a jigsaw mask depends on the batch; ar and mdm use ``is_causal`` / no mask), the
+full ``[B, T, V]`` logits and ``F.cross_entropy(reduction="none")`` times the loss weights
+(focal factor included). In the full CUDA run a third column, flex, uses compiled
+FlexAttention with a block mask from ``spec.mask_mod`` (built per step as well) in place of
+SDPA, which is what a peer would pick there.
+
+Shapes (fixed per sequence length; the batch keeps the tokens per step comparable):
+- T = 163: sudoku-like, V = 12, prompt 82, block 9;
+- T = 512 and 2048: language-model-like, V = 1000 on CPU and 32000 on CUDA, no prompt, block 16.
+Tokens per step count the clean sequence, B * T, for every family (bd3's model input is twice
+as long, [x_t | x_0]; its extra work shows as lower tokens/s). Each family trains on one fixed
+corrupted batch ("elbo" weighting); corruption is data loading and stays out of the timing.
+CPU: fp32, the study's ``paper`` backbone (12 layers, dim 256). CUDA: bf16 autocast with fp32
+weights, a ~125M backbone (12 layers, dim 768, 12 heads; 85M without the embedding and head).
+As a pytest-benchmark module it times one small step.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __name__ == "__main__":
+    _ROOT = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(_ROOT), str(_ROOT / "python")]
+
+from blockmdm.families import FAMILIES, family_loss, get_family  # noqa: E402
+from blockmdm.model import ModelConfig, Transformer  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    Report,
+    arg_parser,
+    bench_interleaved,
+    parse_args,
+    peak_memory,
+)
+
+# model sizes per run size
+BACKBONES = {
+    "cuda": dict(n_layer=12, dim=768, n_head=12),
+    "cpu": dict(n_layer=12, dim=256, n_head=8),
+    "quick": dict(n_layer=2, dim=64, n_head=4),
+    "smoke": dict(n_layer=1, dim=32, n_head=2),
+}
+
+# (T, V, B, prefix, block_size) per run size
+SHAPES = {
+    "cuda": [(163, 12, 128, 82, 9), (512, 32000, 32, 0, 16), (2048, 32000, 8, 0, 16)],
+    "cpu": [(163, 12, 12, 82, 9), (512, 1000, 4, 0, 16), (2048, 1000, 1, 0, 16)],
+    "quick": [(163, 12, 4, 82, 9), (512, 1000, 2, 0, 16)],
+    "smoke": [(163, 12, 2, 82, 9)],
+}
+
+
+def _rms_norm(x, norm):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).type_as(x) \
+        * norm.weight
+
+
+def _rope(x, cos, sin):
+    """x [B, H, T, D]; cos, sin [1, 1, T, D/2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
+
+
+_flex = {}
+
+
+def _attention_fn(attention: str, batch, T: int, device):
+    """``attend(q, k, v)`` on [B, H, T, D] under the batch's mask, the mask built once per
+    forward as a training loop would."""
+    spec = batch.spec()
+    if attention == "sdpa":
+        # causal and full attention need no mask tensor (SDPA's flash path), as any AR or MDM
+        # codebase writes them; the other families pass the dense mask
+        if spec.kind in ("causal", "full"):
+            causal = spec.kind == "causal"
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        mask = spec.dense(T, T, device).unsqueeze(1)  # [B or 1, 1, T, T]
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _flex:
+        # one compile per (family, T): the mask_mod is part of the guard, and past dynamo's
+        # default limit of 8 recompiles flex_attention would silently fall back to eager
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
+        _flex["fn"] = torch.compile(flex_attention, dynamic=False)
+    rows = batch.inputs.shape[0] if spec.kind == "jigsaw" else None
+    block_mask = create_block_mask(spec.mask_mod, rows, None, T, T, device=device)
+    return lambda q, k, v: _flex["fn"](q, k, v, block_mask=block_mask)
+
+
+def plain_hidden(model: Transformer, batch, attention: str = "sdpa"):
+    """The model's final hidden states [B, T, dim], written with plain torch ops and the model's
+    parameters; ``attention`` is "sdpa" (dense boolean mask) or "flex" (compiled FlexAttention)."""
+    cfg = model.config
+    x = batch.inputs
+    B, T = x.shape
+    pos = torch.arange(T, device=x.device) if batch.positions is None else batch.positions
+    cos, sin = model.rope_cos[pos][None, None], model.rope_sin[pos][None, None]
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    attend = _attention_fn(attention, batch, T, x.device)
+    h = F.embedding(x, model.tok_embeddings.weight)
+    for layer in model.layers:
+        a = layer.attention_norm
+        q, k, v = F.linear(_rms_norm(h, a), layer.attention.wqkv.weight).split(
+            [H * D, Hkv * D, Hkv * D], dim=-1)
+        q = _rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+        k = _rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if Hkv != H:
+            k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        o = attend(q, k, v).transpose(1, 2).reshape(B, T, H * D)
+        h = h + F.linear(o, layer.attention.wo.weight)
+        ff, y = layer.feed_forward, _rms_norm(h, layer.ffn_norm)
+        h = h + F.linear(F.silu(F.linear(y, ff.w1.weight)) * F.linear(y, ff.w3.weight),
+                         ff.w2.weight)
+    return _rms_norm(h, model.norm)
+
+
+def plain_loss(model: Transformer, batch, attention: str = "sdpa"):
+    """``family_loss(model, batch)`` in plain PyTorch: full logits, F.cross_entropy per token,
+    the focal factor (1 - p)^gamma, times the weights, summed, over the normaliser."""
+    logits = F.linear(plain_hidden(model, batch, attention), model.head.weight)  # [B, T, V]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                         batch.targets.reshape(-1), reduction="none", ignore_index=-100)
+    if batch.focal_gamma:
+        ce = (1 - torch.exp(-ce)) ** batch.focal_gamma * ce
+    return (ce * batch.weights.reshape(-1)).sum() / batch.normaliser
+
+
+def make_model(backbone: dict, V: int, max_len: int, device, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=V, mask_id=V - 1, max_len=max_len, **backbone)
+    return Transformer(config).to(device)
+
+
+def make_batch(family: str, T: int, V: int, B: int, prefix: int, block_size: int, device,
+               seed: int = 0, weighting: str = "elbo"):
+    """A corrupted batch of random tokens (the mask id V - 1 never occurs in the clean data)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V - 1, (B, T), generator=g)
+    batch = get_family(family).corrupt(x, prefix=prefix, block_size=block_size,
+                                       weighting=weighting, generator=g, mask_id=V - 1)
+    return batch.to(device)
+
+
+def train_step(model, opt, batch, loss_fn, autocast: bool):
+    """One step: zeroed gradients, forward under bf16 autocast (CUDA), backward, AdamW."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_fn(model, batch)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def implementations(flex: bool) -> dict:
+    impls = {"ours": family_loss, "plain": plain_loss}
+    if flex:
+        impls["flex"] = lambda model, batch: plain_loss(model, batch, "flex")
+    return impls
+
+
+def measure(model, opt, family, shape, device, memory: bool, flex: bool, ar_tok_s: dict,
+            one_thread_T: int | None = None):
+    """One report row: every implementation's step on one family's batch. ``one_thread_T``:
+    the length whose rows also time ours and plain on one CPU thread (None: no such columns)."""
+    T, V, B, prefix, block_size = shape
+    batch = make_batch(family, T, V, B, prefix, block_size, device)
+    autocast = device == "cuda"
+    fns = {name: (lambda fn=fn: train_step(model, opt, batch, fn, autocast))
+           for name, fn in implementations(flex).items()}
+    ms = bench_interleaved(fns, device)
+    row = {"T": T, "V": V, "B": B, "family": family}
+    for name in fns:
+        row[f"{name} ms"] = ms[name]
+    for name in fns:
+        row[f"{name} tok/s"] = B * T / ms[name] * 1e3
+    row["ours samples/s"] = B / ms["ours"] * 1e3
+    for name in fns:
+        if name != "ours":
+            row[f"ours vs {name}"] = ms[name] / ms["ours"]
+    if family == "ar":
+        ar_tok_s.update({name: row[f"{name} tok/s"] for name in fns})
+    for name in ("ours", "plain"):
+        row[f"{name} / ar tok/s"] = row[f"{name} tok/s"] / ar_tok_s[name] if ar_tok_s else ""
+    if one_thread_T is not None:
+        row.update({"ours ms 1 thread": "", "plain ms 1 thread": "",
+                    "ours vs plain 1 thread": ""})
+        if T == one_thread_T:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                ms1 = bench_interleaved({"ours": fns["ours"], "plain": fns["plain"]}, device)
+            finally:
+                torch.set_num_threads(threads)
+            row.update({"ours ms 1 thread": ms1["ours"], "plain ms 1 thread": ms1["plain"],
+                        "ours vs plain 1 thread": ms1["plain"] / ms1["ours"]})
+    if memory:
+        for name, fn in fns.items():
+            row[f"{name} peak MB"] = peak_memory(fn, device) / 2**20
+    return row
+
+
+def summary(rows, device: str) -> str:
+    """The issue's targets checked on the rows of this run."""
+    lines = []
+    head_T = 2048 if device == "cuda" else 512
+    at = [r for r in rows if r["T"] == head_T]
+    if not at:
+        return ""
+    lines.append(f"At T = {head_T}: ours vs plain SDPA speed-up and tokens/s relative to ar.")
+    for r in at:
+        flex = f", {r['ours vs flex']:.2f}x flex" if "ours vs flex" in r else ""
+        lines.append(f"- {r['family']}: ours {r['ours vs plain']:.2f}x plain{flex}; ours/ar "
+                     f"{r['ours / ar tok/s']:.2f}, plain/ar {r['plain / ar tok/s']:.2f}")
+    return "\n".join(lines)
+
+
+def run(device: str, size: str, report: Report, families=FAMILIES, one_thread: bool = False):
+    """The rows of one run size; ``one_thread`` adds 1-thread columns at T = 512."""
+    backbone = BACKBONES[size]
+    memory = size != "smoke" or device == "cuda"
+    # FlexAttention compiles once per family and length: only the full CUDA run affords it
+    flex = device == "cuda" and size == "cuda"
+    for shape in SHAPES[size]:
+        T, V = shape[:2]
+        model = make_model(backbone, V, T, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ar_tok_s = {}
+        for family in families:
+            report.add(measure(model, opt, family, shape, device, memory, flex, ar_tok_s,
+                               512 if one_thread else None))
+        del model, opt
+
+
+def main(argv=None):
+    args = parse_args(arg_parser(__doc__), argv)
+    size = "smoke" if args.smoke else "quick" if args.quick else args.device
+    backbone = BACKBONES[size]
+    # the headline uses the default thread count, the CPU default run adds a 1-thread column
+    one_thread = size == "cpu" and not args.threads
+    notes = (
+        "One training step = zero_grad, forward, loss, backward, AdamW step "
+        f"({'bf16 autocast, fp32 weights' if args.device == 'cuda' else 'fp32'}). "
+        "Ours = `family_loss` (bk.block_attention + bk.linear_masked_cross_entropy); plain = "
+        "the same weights with SDPA under the dense boolean mask (ar: is_causal, mdm: no mask) "
+        "and full logits + "
+        "F.cross_entropy(reduction='none') * weights"
+        + ("; flex = plain with compiled FlexAttention and a block mask from the spec"
+           if size == "cuda" else "")
+        + ". Every mask is built inside the step. Backbone: "
+        f"{backbone['n_layer']} layers, dim {backbone['dim']}, {backbone['n_head']} heads. "
+        "Tokens per step = B * T (bd3 included, whose input is 2T long). "
+        "`ours vs X` = X ms / ours ms; `/ ar tok/s` = tokens/s relative to ar with the same "
+        "implementation. Times are medians (CPU: one call of each implementation per round, "
+        "interleaved, after a warm-up; CUDA: see benchmarks/common.py); peak MB is "
+        "`benchmarks.common.peak_memory` of one step"
+        f"; {torch.get_num_threads()} torch thread(s)"
+        + ("; the `1 thread` columns (T = 512 rows) time ours and plain on one thread."
+           if one_thread else ".")
+    )
+    report = Report("train", "Training throughput: blockmdm kernels vs plain PyTorch",
+                    args.device, notes, args.out)
+    run(args.device, size, report, one_thread=one_thread)
+    return report.close(summary(report.rows, args.device))
+
+
+def test_train_step(benchmark):
+    model = make_model(BACKBONES["smoke"], 12, 163, "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = make_batch("block", 163, 12, 2, 82, 9, "cpu")
+    benchmark(lambda: train_step(model, opt, batch, family_loss, False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""benchmarks/bench_train.py: the plain-PyTorch step computes the same loss and gradients as
+ours on the same weights and batch, so the throughput comparison is like for like."""
+
+import csv
+
+import pytest
+import torch
+from blockmdm.families import FAMILIES, family_loss
+
+from benchmarks import bench_train as bt
+
+TINY = dict(n_layer=2, dim=64, n_head=4)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _loss_and_grads(model, loss_fn, batch):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+# T = 23 with a 5-token prompt: blocks of 4 that do not divide the response (18 positions)
+@pytest.mark.parametrize("weighting", ["elbo", "mgdm"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_loss_and_gradients_equal_ours(family, weighting):
+    model = bt.make_model(TINY, 13, 23, "cpu", seed=1)
+    batch = bt.make_batch(family, 23, 13, 3, 5, 4, "cpu", seed=2, weighting=weighting)
+    assert (batch.weights > 0).any()
+    loss, grads = _loss_and_grads(model, family_loss, batch)
+    plain, plain_grads = _loss_and_grads(model, bt.plain_loss, batch)
+    torch.testing.assert_close(plain, loss, rtol=1e-5, atol=0)
+    for name, grad in grads.items():
+        assert torch.isfinite(plain_grads[name]).all(), name
+        assert _rel(plain_grads[name], grad) < 1e-5, name
+
+
+def test_plain_loss_grouped_query_heads_equal_ours():
+    model = bt.make_model(dict(TINY, n_kv_head=2), 13, 23, "cpu", seed=1)
+    batch = bt.make_batch("block", 23, 13, 2, 5, 4, "cpu", seed=3)
+    loss, grads = _loss_and_grads(model, family_loss, batch)
+    plain, plain_grads = _loss_and_grads(model, bt.plain_loss, batch)
+    torch.testing.assert_close(plain, loss, rtol=1e-5, atol=0)
+    for name, grad in grads.items():
+        assert _rel(plain_grads[name], grad) < 1e-5, name
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("family", ["jigsaw", "bd3"])
+def test_flex_attention_loss_equals_ours(family):
+    # eager FlexAttention on CPU is a forward-only reference, so only the loss is compared here
+    model = bt.make_model(TINY, 13, 23, "cpu", seed=1)
+    batch = bt.make_batch(family, 23, 13, 2, 5, 4, "cpu", seed=4)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    bt._flex["fn"] = flex_attention
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(bt.plain_loss(model, batch, "flex"),
+                                       family_loss(model, batch), rtol=1e-5, atol=0)
+    finally:
+        bt._flex.clear()
+
+
+@pytest.mark.parametrize("shape", bt.SHAPES["cpu"][:2] + bt.SHAPES["quick"] + bt.SHAPES["smoke"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_benchmark_masks_leave_no_query_without_keys(family, shape):
+    # SDPA with a boolean mask returns NaN for a query that sees no key
+    T, V, B, prefix, block_size = shape
+    batch = bt.make_batch(family, T, V, min(B, 2), prefix, block_size, "cpu")
+    n = batch.inputs.shape[1]
+    assert batch.spec().dense(n, n).any(-1).all()
+
+
+def test_train_step_updates_the_weights_and_returns_the_loss():
+    model = bt.make_model(TINY, 13, 23, "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = bt.make_batch("scatter", 23, 13, 2, 5, 4, "cpu")
+    before = model.head.weight.detach().clone()
+    with torch.no_grad():
+        expected = bt.plain_loss(model, batch)
+    loss = bt.train_step(model, opt, batch, bt.plain_loss, False)
+    torch.testing.assert_close(loss.detach(), expected)
+    assert not torch.equal(model.head.weight, before)
+
+
+def test_main_smoke_writes_a_row_per_family(tmp_path):
+    md = bt.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    with open(tmp_path / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["family"] for r in rows] == list(FAMILIES)
+    for r in rows:
+        assert float(r["ours ms"]) > 0 and float(r["plain ms"]) > 0
+        assert float(r["ours vs plain"]) == pytest.approx(
+            float(r["plain ms"]) / float(r["ours ms"]), rel=1e-2)
+    assert float(rows[0]["ours / ar tok/s"]) == pytest.approx(1.0)
+    assert "| bd3 |" in md.read_text()
+
+
+def test_summary_reports_the_headline_length():
+    rows = [{"T": 512, "family": "ar", "ours vs plain": 1.1, "ours / ar tok/s": 1.0,
+             "plain / ar tok/s": 1.0},
+            {"T": 512, "family": "block", "ours vs plain": 1.5, "ours / ar tok/s": 0.9,
+             "plain / ar tok/s": 0.6}]
+    text = bt.summary(rows, "cpu")
+    assert "block: ours 1.50x plain; ours/ar 0.90, plain/ar 0.60" in text
+    assert bt.summary(rows, "cuda") == ""
+
+
+def test_summary_names_flex_when_measured():
+    rows = [{"T": 2048, "family": "bd3", "ours vs plain": 2.0, "ours vs flex": 1.25,
+             "ours / ar tok/s": 0.5, "plain / ar tok/s": 0.25}]
+    assert "bd3: ours 2.00x plain, 1.25x flex;" in bt.summary(rows, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_and_flex_match_ours_on_cuda(family):
+    model = bt.make_model(TINY, 13, 23, "cuda", seed=1)
+    batch = bt.make_batch(family, 23, 13, 3, 5, 4, "cuda", seed=2, weighting="mgdm")
+    loss, grads = _loss_and_grads(model, family_loss, batch)
+    for attention in ("sdpa", "flex"):
+        plain, plain_grads = _loss_and_grads(
+            model, lambda m, b, a=attention: bt.plain_loss(m, b, a), batch)
+        torch.testing.assert_close(plain, loss, rtol=1e-4, atol=0)
+        for name, grad in grads.items():
+            assert _rel(plain_grads[name], grad) < 1e-4, (attention, name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["ar", "jigsaw", "bd3"])
+def test_bf16_train_steps_agree_on_cuda(family):
+    # bf16 autocast rounds differently along the two paths: the losses agree to bf16 precision
+    model = bt.make_model(TINY, 13, 23, "cuda", seed=1)
+    batch = bt.make_batch(family, 23, 13, 3, 5, 4, "cuda", seed=2)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours, plain = family_loss(model, batch), bt.plain_loss(model, batch)
+    torch.testing.assert_close(plain.float(), ours.float(), rtol=2e-2, atol=0)
+
+
+def test_one_thread_columns_at_the_chosen_length_only(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_bench(fns, device):
+        seen.append(torch.get_num_threads())
+        return {name: 2.0 if name == "plain" else 1.0 for name in fns}
+
+    monkeypatch.setattr(bt, "bench_interleaved", fake_bench)
+    threads = torch.get_num_threads()
+    model = bt.make_model(bt.BACKBONES["smoke"], 12, 163, "cpu")
+    opt = torch.optim.AdamW(model.parameters())
+    ar = {}
+    row = bt.measure(model, opt, "ar", bt.SHAPES["smoke"][0], "cpu", False, False, ar, 163)
+    assert seen == [threads, 1] and torch.get_num_threads() == threads
+    assert row["ours vs plain 1 thread"] == 2.0
+    other = bt.measure(model, opt, "bd3", bt.SHAPES["smoke"][0], "cpu", False, False, ar, 512)
+    assert other["ours ms 1 thread"] == "" and list(other) == list(row)
+    assert other["ours / ar tok/s"] == 1.0
