@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
@@ -19,8 +18,8 @@
 #include <limits>
 #include <numeric>
 
-// The BLAS sgemm that torch links (MKL / OpenBLAS); weak so the extension still loads on a torch
-// without one and then falls back to ATen's own gemm kernel.
+// The BLAS sgemm that torch links (MKL / OpenBLAS export it); weak so the extension still loads
+// on a torch without one and then multiplies through at::addmm_out.
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
                        const int* k, const float* alpha, const float* a, const int* lda,
                        const float* b, const int* ldb, const float* beta, float* c,
@@ -35,22 +34,28 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // Per-thread fp32 dQ accumulators of the backward are capped at this many bytes in total.
 constexpr int64_t kDqBufferBudget = int64_t(1) << 30;
 
+std::atomic<bool> g_use_blas{true};
+
 // Column-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C (BLAS convention). A
 // row-major matrix with leading dim ld is the column-major transpose, which is how the callers
 // below phrase their row-major products.
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (sgemm_ != nullptr) {
+  if (sgemm_ != nullptr && g_use_blas.load(std::memory_order_relaxed)) {
     const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
     const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
     sgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
     return;
   }
-  using at::native::TransposeType;
-  at::native::cpublas::gemm_stub(
-      at::kCPU, at::kFloat, ta ? TransposeType::Transpose : TransposeType::NoTranspose,
-      tb ? TransposeType::Transpose : TransposeType::NoTranspose, m, n, k, alpha, a, lda, b, ldb,
-      beta, c, ldc);
+  // Row-major views: C^T [n, m] = alpha * op(B)^T [n, k] @ op(A)^T [k, m] + beta * C^T. A
+  // stored column-major as rows x cols is the row-major tensor A^T [cols, rows].
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor at_ = at::from_blob(const_cast<float*>(a), {ta ? m : k, ta ? k : m},
+                                       {lda, 1}, opts);
+  const at::Tensor bt = at::from_blob(const_cast<float*>(b), {tb ? k : n, tb ? n : k},
+                                      {ldb, 1}, opts);
+  at::Tensor ct = at::from_blob(c, {n, m}, {ldc, 1}, opts);
+  at::addmm_out(ct, ct, tb ? bt.t() : bt, ta ? at_.t() : at_, beta, alpha);
 }
 
 float row_max(const float* x, int64_t n) {
@@ -130,6 +135,23 @@ void run_items(const std::vector<int64_t>& order, int64_t workers, const F& body
   });
 }
 
+// dst[d] = src[d] * mul in the output's dtype; chosen once per call by store_fn.
+using StoreFn = void (*)(void* dst, int64_t offset, const float* src, int64_t n, float mul);
+
+template <typename T>
+void store(void* dst, int64_t offset, const float* src, int64_t n, float mul) {
+  T* out = static_cast<T*>(dst) + offset;
+  for (int64_t d = 0; d < n; ++d) out[d] = static_cast<T>(src[d] * mul);
+}
+
+StoreFn store_fn(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return store<at::Half>;
+    case at::kBFloat16: return store<at::BFloat16>;
+    default: return store<float>;
+  }
+}
+
 at::Tensor as_float(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? x
                                        : x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/false,
@@ -138,10 +160,16 @@ at::Tensor as_float(const at::Tensor& x) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& kv_count, const at::Tensor& kv_index, const at::Tensor& tile_mask_index,
-    const at::Tensor& tile_masks, int64_t block_m, int64_t block_n, double scale_d) {
+bool attention_use_blas(bool use) {
+  g_use_blas = use;
+  return sgemm_ != nullptr;
+}
+
+void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                   const at::Tensor& kv_count, const at::Tensor& kv_index,
+                   const at::Tensor& tile_mask_index, const at::Tensor& tile_masks,
+                   int64_t block_m, int64_t block_n, double scale_d, const at::Tensor& o,
+                   const at::Tensor& lse) {
   TORCH_CHECK(q_in.stride(3) == 1 && k_in.stride(3) == 1 && v_in.stride(3) == 1,
               "attention_fwd: q, k, v need a contiguous last dim");
   const at::Tensor q = as_float(q_in), k = as_float(k_in), v = as_float(v_in);
@@ -151,14 +179,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
   const int64_t BM = block_m, BN = block_n;
   const float scale = static_cast<float>(scale_d);
 
-  at::Tensor o = at::empty({B, Tq, H, D}, q.options());
-  at::Tensor lse = at::empty({B, H, Tq}, q.options());
 
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t qB = q.stride(0), qT = q.stride(1), qH = q.stride(2);
   const int64_t kB = k.stride(0), kT = k.stride(1), kH = k.stride(2);
   const int64_t vB = v.stride(0), vT = v.stride(1), vH = v.stride(2);
-  float *op = o.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  void* op = o.data_ptr();
+  float* lp = lse.data_ptr<float>();
+  const StoreFn store_o = store_fn(o.scalar_type());
   const int32_t* cnt = kv_count.data_ptr<int32_t>();
   const int32_t* idx = kv_index.data_ptr<int32_t>();
   const int32_t* tmi = tile_mask_index.data_ptr<int32_t>();
@@ -212,21 +240,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
       gemm(false, false, D, rm, c, 1.f, vt, vT, s, BN, 1.f, acc, D);  // acc += P V [rm, D]
     }
     for (int64_t i = 0; i < rm; ++i) {
-      float* oi = op + ((b * Tq + r0 + i) * H + h) * D;
       const bool seen = sum[i] > 0.f;
-      const float inv = seen ? 1.f / sum[i] : 0.f;
-      for (int64_t d = 0; d < D; ++d) oi[d] = acc[i * D + d] * inv;
+      store_o(op, ((b * Tq + r0 + i) * H + h) * D, acc + i * D, D, seen ? 1.f / sum[i] : 0.f);
       lp[(b * H + h) * Tq + r0 + i] = seen ? mx[i] + std::log(sum[i]) : kInf;
     }
   });
-  return {o.to(q_in.scalar_type()), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& do_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& o_in, const at::Tensor& lse_in,
-    const at::Tensor& q_count, const at::Tensor& q_index, const at::Tensor& tile_mask_index,
-    const at::Tensor& tile_masks, int64_t block_m, int64_t block_n, double scale_d) {
+void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                   const at::Tensor& v_in, const at::Tensor& o_in, const at::Tensor& lse_in,
+                   const at::Tensor& q_count, const at::Tensor& q_index,
+                   const at::Tensor& tile_mask_index, const at::Tensor& tile_masks,
+                   int64_t block_m, int64_t block_n, double scale_d, const at::Tensor& dq,
+                   const at::Tensor& dk, const at::Tensor& dv) {
   TORCH_CHECK(do_in.stride(3) == 1 && q_in.stride(3) == 1 && k_in.stride(3) == 1 &&
                   v_in.stride(3) == 1,
               "attention_bwd: do, q, k, v need a contiguous last dim");
@@ -241,8 +267,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
   // delta = rowsum(dO * O): [B, Tq, H]
   const at::Tensor delta = at::mul(dO, o_in.to(at::kFloat)).sum(-1).contiguous();
-  at::Tensor dk = at::empty({B, Tk, Hkv, D}, q.options());
-  at::Tensor dv = at::empty({B, Tk, Hkv, D}, q.options());
 
   // Each worker adds its dQ share into its own buffer (no two threads write one element); the
   // buffers are summed at the end. Their count is capped by memory, not below one.
@@ -258,7 +282,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const int64_t qB = q.stride(0), qT = q.stride(1), qH = q.stride(2);
   const int64_t kB = k.stride(0), kT = k.stride(1), kH = k.stride(2);
   const int64_t vB = v.stride(0), vT = v.stride(1), vH = v.stride(2);
-  float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>(), *dqb = dq_buf.data_ptr<float>();
+  void *dkp = dk.data_ptr(), *dvp = dv.data_ptr();
+  float* dqb = dq_buf.data_ptr<float>();
+  const StoreFn store_kv = store_fn(dk.scalar_type());
   const int32_t* cnt = q_count.data_ptr<int32_t>();
   const int32_t* idx = q_index.data_ptr<int32_t>();
   const int32_t* tmi = tile_mask_index.data_ptr<int32_t>();
@@ -320,12 +346,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     }
     for (int64_t j = 0; j < c; ++j) {
       const int64_t off = ((b * Tk + c0 + j) * Hkv + hk) * D;
-      std::copy(dk_acc + j * D, dk_acc + (j + 1) * D, dkp + off);
-      std::copy(dv_acc + j * D, dv_acc + (j + 1) * D, dvp + off);
+      store_kv(dkp, off, dk_acc + j * D, D, 1.f);
+      store_kv(dvp, off, dv_acc + j * D, D, 1.f);
     }
   });
-  at::Tensor dq = workers == 1 ? dq_buf[0] : dq_buf.sum(0);
-  return {dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), dv.to(v_in.scalar_type())};
+  // dq = the sum of the workers' buffers, row by row.
+  const StoreFn store_q = store_fn(dq.scalar_type());
+  void* dqp = dq.data_ptr();
+  const int64_t rows = B * Tq * H, buf_stride = rows * D;
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t r = begin; r < end; ++r) {
+      std::copy(dqb + r * D, dqb + (r + 1) * D, row.begin());
+      for (int64_t w = 1; w < workers; ++w) {
+        const float* src = dqb + w * buf_stride + r * D;
+        for (int64_t d = 0; d < D; ++d) row[d] += src[d];
+      }
+      store_q(dqp, r * D, row.data(), D, 1.f);
+    }
+  });
 }
 
 }  // namespace blockmdm

@@ -123,6 +123,10 @@ def use_native(dtype: torch.dtype) -> bool:
     return dtype in NATIVE_DTYPES and not forced_off and _native.available()
 
 
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _native_tiles(spec: MaskSpec, Tq: int, Tk: int):
     """(tile map, tile_mask_index int32 [Bm, nQ, nK], tile_masks bool [P, BM, BN]) for the
     native kernels: each partial tile's element mask, -1 in the index for the other tiles."""
@@ -156,9 +160,14 @@ def forward(q, k, v, spec: MaskSpec, scale: float):
     lse is fp32 (fp64 for fp64 inputs) and +inf for rows that see no key.
     """
     if use_native(q.dtype):
-        tm, index, tile_masks = _native_tiles(spec, q.shape[1], k.shape[1])
-        return _native.ops().attention_fwd(q, k, v, tm.kv_count, tm.kv_index, index, tile_masks,
-                                           NATIVE_Q_TILE, NATIVE_K_TILE, scale)
+        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        B, Tq, H, _ = q.shape
+        tm, index, tile_masks = _native_tiles(spec, Tq, k.shape[1])
+        o = torch.empty(q.shape, dtype=q.dtype)
+        lse = torch.empty(B, H, Tq, dtype=torch.float32)
+        _native.ops().attention_fwd(q, k, v, tm.kv_count, tm.kv_index, index, tile_masks,
+                                    NATIVE_Q_TILE, NATIVE_K_TILE, scale, o, lse)
+        return o, lse
     B, Tq, H, D = q.shape
     Tk, G = k.shape[1], H // k.shape[2]
     acc = lse_dtype(q.dtype)
@@ -202,10 +211,13 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
     those of the whole row; dQ sums over the calls of a row.
     """
     if use_native(q.dtype):
+        do, q, k, v = (_last_dim_contiguous(x) for x in (do, q, k, v))
         tm, index, tile_masks = _native_tiles(spec, q.shape[1], k.shape[1])
-        return _native.ops().attention_bwd(do, q, k, v, o, lse.contiguous(), tm.q_count,
-                                           tm.q_index, index, tile_masks, NATIVE_Q_TILE,
-                                           NATIVE_K_TILE, scale)
+        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
+        _native.ops().attention_bwd(do, q, k, v, o, lse.contiguous(), tm.q_count, tm.q_index,
+                                    index, tile_masks, NATIVE_Q_TILE, NATIVE_K_TILE, scale, dq,
+                                    dk, dv)
+        return dq, dk, dv
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
