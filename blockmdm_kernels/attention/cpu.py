@@ -33,8 +33,8 @@ Q_TILE = 64
 K_TILE = 64
 BLOCK_ROWS = 256  # query rows per plan block, a multiple of Q_TILE
 
-NATIVE_Q_TILE = 64
-NATIVE_K_TILE = 64
+NATIVE_Q_TILE = 256  # larger tiles: fewer, more efficient gemm calls (measured at 2 cores)
+NATIVE_K_TILE = 256
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_TILES_PER_CHUNK = 256  # partial tiles whose element masks are evaluated at once
 
