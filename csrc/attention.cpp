@@ -80,7 +80,7 @@ float exp_sub_sum(float* x, int64_t n, float sub) {
   if (n >= Vec::size()) {
     Vec acc(0.f);
     for (; j + Vec::size() <= n; j += Vec::size()) {
-      Vec e = (Vec::loadu(x + j) - vsub).exp();
+      Vec e = (Vec::loadu(x + j) - vsub).exp_u20();
       e.store(x + j);
       acc = acc + e;
     }
@@ -97,7 +97,7 @@ float exp_sub_sum(float* x, int64_t n, float sub) {
 void exp_sub(float* x, int64_t n, float sub) {
   int64_t j = 0;
   const Vec vsub(sub);
-  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) - vsub).exp().store(x + j);
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) - vsub).exp_u20().store(x + j);
   for (; j < n; ++j) x[j] = std::exp(x[j] - sub);
 }
 
