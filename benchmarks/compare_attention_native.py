@@ -33,6 +33,23 @@ def _fwd_bwd(fn, grad):
     return run
 
 
+def _runs(name, spec, B, T, H, D):
+    """{label: (callable returning the output, its output gradient)} for one spec."""
+    q, k, v = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
+    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    do = torch.randn(B, T, H, D)
+    doh = do.transpose(1, 2).contiguous()
+    dense = spec.dense(T, T)[:, None]
+    runs = {
+        "ours": (lambda: bk.block_attention(q, k, v, spec), do),
+        "sdpa_causal": (lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), doh),
+        "sdpa_dense": (lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=dense), doh),
+    }
+    if name == "full":
+        runs["sdpa_nomask"] = (lambda: F.scaled_dot_product_attention(qh, kh, vh), doh)
+    return runs
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=None)
@@ -48,20 +65,7 @@ def main():
     print(f"threads={torch.get_num_threads()} B={B} H={H} T={T} D={D} fp32")
     for name in args.specs.split(","):
         spec = specs[name]
-        q, k, v = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
-        qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
-        do = torch.randn(B, T, H, D)
-        doh = do.transpose(1, 2).contiguous()
-        dense = spec.dense(T, T)[:, None]
-        runs = {
-            "ours": (lambda: bk.block_attention(q, k, v, spec), do),
-            "sdpa_causal": (lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True),
-                            doh),
-            "sdpa_dense": (lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=dense),
-                           doh),
-        }
-        if name == "full":
-            runs["sdpa_nomask"] = (lambda: F.scaled_dot_product_attention(qh, kh, vh), doh)
+        runs = _runs(name, spec, B, T, H, D)
         fwd, fb = {}, {}
         for key, (fn, grad) in runs.items():
             with torch.no_grad():
