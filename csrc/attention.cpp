@@ -1,3 +1,370 @@
+// Block-masked flash attention on CPU: only the key tiles a tile map marks non-empty are visited.
+//
+// Tensors are [B, T, heads, D] with a contiguous last dim (any other strides); fp16 / bf16
+// inputs are converted once to fp32 copies, every product and sum is fp32. A partial tile
+// carries a precomputed bool element mask [BM, BN] (tile_mask_index >= 0 points at it); a full
+// tile is used as is. Work items are claimed from an atomic counter, heaviest first, so uneven
+// rows (causal) balance across threads.
+
 #include "blockmdm.h"
 
-namespace blockmdm {}  // namespace blockmdm
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+// The BLAS sgemm that torch links (MKL / OpenBLAS export it); weak so the extension still loads
+// on a torch without one and then multiplies through at::addmm_out.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+namespace blockmdm {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// Per-thread fp32 dQ accumulators of the backward are capped at this many bytes in total.
+constexpr int64_t kDqBufferBudget = int64_t(1) << 30;
+
+std::atomic<bool> g_use_blas{true};
+
+// Column-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C (BLAS convention). A
+// row-major matrix with leading dim ld is the column-major transpose, which is how the callers
+// below phrase their row-major products.
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (sgemm_ != nullptr && g_use_blas.load(std::memory_order_relaxed)) {
+    const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
+    const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+    sgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+    return;
+  }
+  // Row-major views: C^T [n, m] = alpha * op(B)^T [n, k] @ op(A)^T [k, m] + beta * C^T. A
+  // stored column-major as rows x cols is the row-major tensor A^T [cols, rows].
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor at_ = at::from_blob(const_cast<float*>(a), {ta ? m : k, ta ? k : m},
+                                       {lda, 1}, opts);
+  const at::Tensor bt = at::from_blob(const_cast<float*>(b), {tb ? k : n, tb ? n : k},
+                                      {ldb, 1}, opts);
+  at::Tensor ct = at::from_blob(c, {n, m}, {ldc, 1}, opts);
+  at::addmm_out(ct, ct, tb ? bt.t() : bt, ta ? at_.t() : at_, beta, alpha);
+}
+
+float row_max(const float* x, int64_t n) {
+  int64_t j = 0;
+  float m = kNegInf;
+  if (n >= Vec::size()) {
+    Vec mv(kNegInf);
+    for (; j + Vec::size() <= n; j += Vec::size()) mv = at::vec::maximum(mv, Vec::loadu(x + j));
+    float lanes[Vec::size()];
+    mv.store(lanes);
+    for (int i = 0; i < Vec::size(); ++i) m = std::max(m, lanes[i]);
+  }
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] - sub) in place; returns the sum.
+float exp_sub_sum(float* x, int64_t n, float sub) {
+  int64_t j = 0;
+  float s = 0.f;
+  const Vec vsub(sub);
+  if (n >= Vec::size()) {
+    Vec acc(0.f);
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      Vec e = (Vec::loadu(x + j) - vsub).exp_u20();
+      e.store(x + j);
+      acc = acc + e;
+    }
+    s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  }
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - sub);
+    s += x[j];
+  }
+  return s;
+}
+
+// x[j] = exp(x[j] - sub) in place (sub may be +inf: every x[j] becomes 0).
+void exp_sub(float* x, int64_t n, float sub) {
+  int64_t j = 0;
+  const Vec vsub(sub);
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) - vsub).exp_u20().store(x + j);
+  for (; j < n; ++j) x[j] = std::exp(x[j] - sub);
+}
+
+// x[j] = mask[j] ? x[j] : fill
+void apply_mask(float* x, const bool* mask, int64_t n, float fill) {
+  for (int64_t j = 0; j < n; ++j) x[j] = mask[j] ? x[j] : fill;
+}
+
+void scale_row(float* x, int64_t n, float a) {
+  int64_t j = 0;
+  const Vec va(a);
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * va).store(x + j);
+  for (; j < n; ++j) x[j] *= a;
+}
+
+// Item indices 0..n-1 sorted by descending cost (stable).
+std::vector<int64_t> heaviest_first(const std::vector<int64_t>& cost) {
+  std::vector<int64_t> order(cost.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
+}
+
+// Runs body(worker, item) for every item, workers claiming items in `order`; worker ids are
+// 0..workers-1 (at most one thread each).
+template <typename F>
+void run_items(const std::vector<int64_t>& order, int64_t workers, const F& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = order.size();
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t i = next++; i < n; i = next++) body(w, order[i]);
+    }
+  });
+}
+
+// dst[d] = src[d] * mul in the output's dtype; chosen once per call by store_fn.
+using StoreFn = void (*)(void* dst, int64_t offset, const float* src, int64_t n, float mul);
+
+template <typename T>
+void store(void* dst, int64_t offset, const float* src, int64_t n, float mul) {
+  T* out = static_cast<T*>(dst) + offset;
+  for (int64_t d = 0; d < n; ++d) out[d] = static_cast<T>(src[d] * mul);
+}
+
+StoreFn store_fn(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return store<at::Half>;
+    case at::kBFloat16: return store<at::BFloat16>;
+    default: return store<float>;
+  }
+}
+
+at::Tensor as_float(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat ? x
+                                       : x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/false,
+                                              at::MemoryFormat::Contiguous);
+}
+
+}  // namespace
+
+bool attention_use_blas(bool use) {
+  g_use_blas = use;
+  return sgemm_ != nullptr;
+}
+
+void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                   const at::Tensor& kv_count, const at::Tensor& kv_index,
+                   const at::Tensor& tile_mask_index, const at::Tensor& tile_masks,
+                   int64_t block_m, int64_t block_n, double scale_d, const at::Tensor& o,
+                   const at::Tensor& lse) {
+  TORCH_CHECK(q_in.stride(3) == 1 && k_in.stride(3) == 1 && v_in.stride(3) == 1,
+              "attention_fwd: q, k, v need a contiguous last dim");
+  const at::Tensor q = as_float(q_in), k = as_float(k_in), v = as_float(v_in);
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Tk = k.size(1), G = H / k.size(2);
+  const int64_t Bm = kv_count.size(0), nQ = kv_count.size(1), nK = kv_index.size(2);
+  const int64_t BM = block_m, BN = block_n;
+  const float scale = static_cast<float>(scale_d);
+
+
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const int64_t qB = q.stride(0), qT = q.stride(1), qH = q.stride(2);
+  const int64_t kB = k.stride(0), kT = k.stride(1), kH = k.stride(2);
+  const int64_t vB = v.stride(0), vT = v.stride(1), vH = v.stride(2);
+  void* op = o.data_ptr();
+  float* lp = lse.data_ptr<float>();
+  const StoreFn store_o = store_fn(o.scalar_type());
+  const int32_t* cnt = kv_count.data_ptr<int32_t>();
+  const int32_t* idx = kv_index.data_ptr<int32_t>();
+  const int32_t* tmi = tile_mask_index.data_ptr<int32_t>();
+  const bool* tms = tile_masks.data_ptr<bool>();
+
+  // Item (b, h, m), h fastest so neighbouring items share K/V of a batch row.
+  const int64_t n_items = B * nQ * H;
+  std::vector<int64_t> cost(n_items);
+  for (int64_t i = 0; i < n_items; ++i) {
+    const int64_t b = i / (nQ * H), m = (i / H) % nQ;
+    cost[i] = cnt[(Bm == 1 ? 0 : b) * nQ + m];
+  }
+  const auto order = heaviest_first(cost);
+
+  run_items(order, at::get_num_threads(), [&](int64_t, int64_t item) {
+    thread_local std::vector<float> scratch;
+    const int64_t b = item / (nQ * H), m = (item / H) % nQ, h = item % H;
+    const int64_t bm = Bm == 1 ? 0 : b;
+    const int64_t r0 = m * BM, rm = std::min(BM, Tq - r0);
+    scratch.resize(BM * BN + BM * D + 2 * BM);
+    float* s = scratch.data();        // [BM, BN] scores, then probabilities
+    float* acc = s + BM * BN;         // [BM, D] unnormalised output
+    float* mx = acc + BM * D;         // [BM] running max
+    float* sum = mx + BM;             // [BM] running sum of exp
+    std::fill(acc, acc + rm * D, 0.f);
+    std::fill(mx, mx + rm, kNegInf);
+    std::fill(sum, sum + rm, 0.f);
+    const float* qt = qp + b * qB + r0 * qT + h * qH;
+    const int64_t nk = cnt[bm * nQ + m];
+    for (int64_t t = 0; t < nk; ++t) {
+      const int64_t n = idx[(bm * nQ + m) * nK + t];
+      const int64_t c0 = n * BN, c = std::min(BN, Tk - c0);
+      const float* kt = kp + b * kB + c0 * kT + (h / G) * kH;
+      const float* vt = vp + b * vB + c0 * vT + (h / G) * vH;
+      gemm(true, false, c, rm, D, scale, kt, kT, qt, qT, 0.f, s, BN);  // s = scale Q K^T [rm, c]
+      const int32_t pm = tmi[(bm * nQ + m) * nK + n];
+      const bool* mask = pm >= 0 ? tms + pm * BM * BN : nullptr;
+      for (int64_t i = 0; i < rm; ++i) {
+        float* si = s + i * BN;
+        if (mask) apply_mask(si, mask + i * BN, c, kNegInf);
+        const float m_new = std::max(mx[i], row_max(si, c));
+        if (m_new == kNegInf) {  // nothing visible to this row yet
+          std::fill(si, si + c, 0.f);
+          continue;
+        }
+        const float alpha = std::exp(mx[i] - m_new);
+        sum[i] = sum[i] * alpha + exp_sub_sum(si, c, m_new);
+        mx[i] = m_new;
+        if (alpha != 1.f) scale_row(acc + i * D, D, alpha);
+      }
+      gemm(false, false, D, rm, c, 1.f, vt, vT, s, BN, 1.f, acc, D);  // acc += P V [rm, D]
+    }
+    for (int64_t i = 0; i < rm; ++i) {
+      const bool seen = sum[i] > 0.f;
+      store_o(op, ((b * Tq + r0 + i) * H + h) * D, acc + i * D, D, seen ? 1.f / sum[i] : 0.f);
+      lp[(b * H + h) * Tq + r0 + i] = seen ? mx[i] + std::log(sum[i]) : kInf;
+    }
+  });
+}
+
+void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                   const at::Tensor& v_in, const at::Tensor& o_in, const at::Tensor& lse_in,
+                   const at::Tensor& q_count, const at::Tensor& q_index,
+                   const at::Tensor& tile_mask_index, const at::Tensor& tile_masks,
+                   int64_t block_m, int64_t block_n, double scale_d, const at::Tensor& dq,
+                   const at::Tensor& dk, const at::Tensor& dv) {
+  TORCH_CHECK(do_in.stride(3) == 1 && q_in.stride(3) == 1 && k_in.stride(3) == 1 &&
+                  v_in.stride(3) == 1,
+              "attention_bwd: do, q, k, v need a contiguous last dim");
+  const at::Tensor dO = as_float(do_in), q = as_float(q_in), k = as_float(k_in),
+                   v = as_float(v_in);
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Tk = k.size(1), Hkv = k.size(2), G = H / Hkv;
+  const int64_t Bm = q_count.size(0), nK = q_count.size(1), nQ = q_index.size(2);
+  const int64_t BM = block_m, BN = block_n;
+  const float scale = static_cast<float>(scale_d);
+
+  // delta = rowsum(dO * O): [B, Tq, H]
+  const at::Tensor delta = at::mul(dO, o_in.to(at::kFloat)).sum(-1).contiguous();
+
+  // Each worker adds its dQ share into its own buffer (no two threads write one element); the
+  // buffers are summed at the end. Their count is capped by memory, not below one.
+  const int64_t dq_bytes = B * Tq * H * D * int64_t(sizeof(float));
+  const int64_t workers = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), kDqBufferBudget / std::max<int64_t>(dq_bytes, 1)));
+  at::Tensor dq_buf = at::zeros({workers, B, Tq, H, D}, q.options());
+
+  const float *dop = dO.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(),
+              *vp = v.data_ptr<float>(), *lp = lse.data_ptr<float>(),
+              *dlt = delta.data_ptr<float>();
+  const int64_t dB = dO.stride(0), dT = dO.stride(1), dH = dO.stride(2);
+  const int64_t qB = q.stride(0), qT = q.stride(1), qH = q.stride(2);
+  const int64_t kB = k.stride(0), kT = k.stride(1), kH = k.stride(2);
+  const int64_t vB = v.stride(0), vT = v.stride(1), vH = v.stride(2);
+  void *dkp = dk.data_ptr(), *dvp = dv.data_ptr();
+  float* dqb = dq_buf.data_ptr<float>();
+  const StoreFn store_kv = store_fn(dk.scalar_type());
+  const int32_t* cnt = q_count.data_ptr<int32_t>();
+  const int32_t* idx = q_index.data_ptr<int32_t>();
+  const int32_t* tmi = tile_mask_index.data_ptr<int32_t>();
+  const bool* tms = tile_masks.data_ptr<bool>();
+
+  // Item (b, kv head, key tile n): owns dK/dV of its tile, summing its GQA group.
+  const int64_t n_items = B * nK * Hkv;
+  std::vector<int64_t> cost(n_items);
+  for (int64_t i = 0; i < n_items; ++i) {
+    const int64_t b = i / (nK * Hkv), n = (i / Hkv) % nK;
+    cost[i] = cnt[(Bm == 1 ? 0 : b) * nK + n];
+  }
+  const auto order = heaviest_first(cost);
+
+  run_items(order, workers, [&](int64_t w, int64_t item) {
+    thread_local std::vector<float> scratch;
+    const int64_t b = item / (nK * Hkv), n = (item / Hkv) % nK, hk = item % Hkv;
+    const int64_t bm = Bm == 1 ? 0 : b;
+    const int64_t c0 = n * BN, c = std::min(BN, Tk - c0);
+    scratch.resize(2 * BM * BN + 2 * BN * D);
+    float* p = scratch.data();    // [BM, BN] probabilities
+    float* ds = p + BM * BN;      // [BM, BN] dP, then dS
+    float* dk_acc = ds + BM * BN; // [BN, D]
+    float* dv_acc = dk_acc + BN * D;
+    std::fill(dk_acc, dk_acc + 2 * BN * D, 0.f);
+    const float* kt = kp + b * kB + c0 * kT + hk * kH;
+    const float* vt = vp + b * vB + c0 * vT + hk * vH;
+    float* dq_w = dqb + w * B * Tq * H * D;
+    const int64_t nq = cnt[bm * nK + n];
+    for (int64_t t = 0; t < nq; ++t) {
+      const int64_t m = idx[(bm * nK + n) * nQ + t];
+      const int64_t r0 = m * BM, rm = std::min(BM, Tq - r0);
+      const int32_t pm = tmi[(bm * nQ + m) * nK + n];
+      const bool* mask = pm >= 0 ? tms + pm * BM * BN : nullptr;
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        const float* qt = qp + b * qB + r0 * qT + h * qH;
+        const float* dot = dop + b * dB + r0 * dT + h * dH;
+        gemm(true, false, c, rm, D, scale, kt, kT, qt, qT, 0.f, p, BN);  // scale Q K^T
+        for (int64_t i = 0; i < rm; ++i) {
+          float* pi = p + i * BN;
+          exp_sub(pi, c, lp[(b * H + h) * Tq + r0 + i]);  // +inf lse (blind row) gives 0
+          if (mask) apply_mask(pi, mask + i * BN, c, 0.f);
+        }
+        gemm(false, true, D, c, rm, 1.f, dot, dT, p, BN, 1.f, dv_acc, D);  // dV += P^T dO
+        gemm(true, false, c, rm, D, 1.f, vt, vT, dot, dT, 0.f, ds, BN);    // dP = dO V^T
+        for (int64_t i = 0; i < rm; ++i) {
+          float* dsi = ds + i * BN;
+          const float* pi = p + i * BN;
+          const Vec dl(dlt[(b * Tq + r0 + i) * H + h]);
+          int64_t j = 0;
+          for (; j + Vec::size() <= c; j += Vec::size())
+            (Vec::loadu(pi + j) * (Vec::loadu(dsi + j) - dl)).store(dsi + j);
+          for (; j < c; ++j) dsi[j] = pi[j] * (dsi[j] - dlt[(b * Tq + r0 + i) * H + h]);
+        }
+        gemm(false, true, D, c, rm, scale, qt, qT, ds, BN, 1.f, dk_acc, D);  // dK += dS^T Q
+        gemm(false, false, D, rm, c, scale, kt, kT, ds, BN, 1.f,             // dQ += dS K
+             dq_w + ((b * Tq + r0) * H + h) * D, H * D);
+      }
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      const int64_t off = ((b * Tk + c0 + j) * Hkv + hk) * D;
+      store_kv(dkp, off, dk_acc + j * D, D, 1.f);
+      store_kv(dvp, off, dv_acc + j * D, D, 1.f);
+    }
+  });
+  // dq = the sum of the workers' buffers, row by row.
+  const StoreFn store_q = store_fn(dq.scalar_type());
+  void* dqp = dq.data_ptr();
+  const int64_t rows = B * Tq * H, buf_stride = rows * D;
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t r = begin; r < end; ++r) {
+      std::copy(dqb + r * D, dqb + (r + 1) * D, row.begin());
+      for (int64_t w = 1; w < workers; ++w) {
+        const float* src = dqb + w * buf_stride + r * D;
+        for (int64_t d = 0; d < D; ++d) row[d] += src[d];
+      }
+      store_q(dqp, r * D, row.data(), D, 1.f);
+    }
+  });
+}
+
+}  // namespace blockmdm

@@ -11,17 +11,32 @@ are contiguous whatever the inputs' strides (the custom op's fake kernel promise
 A row that sees nothing in a segment is run unmasked there (the kernel never sees an all -inf
 row) and dropped from the merge; a row that sees no key at all gets output 0 and lse = +inf, so
 every recomputed probability of it is 0 and so are its dQ and its share of dK/dV.
+
+fp32 / fp16 / bf16 inputs take the native flash kernels of ``blockmdm_kernels._C`` when the
+extension is built (``BLOCKMDM_NO_NATIVE`` set to anything but 0, read per call, forces the torch
+path above). They walk the tile map of ``NATIVE_Q_TILE`` x ``NATIVE_K_TILE`` tiles themselves;
+each partial tile gets a bool element mask evaluated from the spec's predicate here, once per
+spec and shape (cached with the spec's tile maps), so full tiles are never masked and no dense
+Tq x Tk mask is built.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from blockmdm_kernels.masks import EMPTY, FULL, MaskSpec
+from blockmdm_kernels import _native
+from blockmdm_kernels.masks import EMPTY, FULL, PARTIAL, MaskSpec
 
 Q_TILE = 64
 K_TILE = 64
 BLOCK_ROWS = 256  # query rows per plan block, a multiple of Q_TILE
+
+NATIVE_Q_TILE = 256  # larger tiles: fewer, more efficient gemm calls (measured at 2 cores)
+NATIVE_K_TILE = 256
+NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MASK_TILES_PER_CHUNK = 256  # partial tiles whose element masks are evaluated at once
 
 _fwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -102,11 +117,57 @@ def _group_sum(x, G, dtype):
     return x if G == 1 else x.unflatten(1, (-1, G)).sum(2, dtype=dtype)
 
 
+def use_native(dtype: torch.dtype) -> bool:
+    """Whether tensors of ``dtype`` take the native kernels (built, allowed, supported dtype)."""
+    forced_off = os.environ.get("BLOCKMDM_NO_NATIVE", "").strip() not in ("", "0")
+    return dtype in NATIVE_DTYPES and not forced_off and _native.available()
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _native_tiles(spec: MaskSpec, Tq: int, Tk: int):
+    """(tile map, tile_mask_index int32 [Bm, nQ, nK], tile_masks bool [P, BM, BN]) for the
+    native kernels: each partial tile's element mask, -1 in the index for the other tiles."""
+    bm_, bn_ = NATIVE_Q_TILE, NATIVE_K_TILE
+    versions = tuple(t._version for t in (spec.masked_blocks, spec.kv_lens) if t is not None)
+    key = ("native", Tq, Tk, bm_, bn_, versions)
+    hit = spec._tile_cache.get(key)
+    if hit is not None:
+        return hit
+    tm = spec.tile_map(Tq, Tk, bm_, bn_, "cpu")
+    partial = tm.state == PARTIAL
+    n_partial = int(partial.sum())
+    index = torch.full(partial.shape, -1, dtype=torch.int32)
+    index[partial] = torch.arange(n_partial, dtype=torch.int32)  # row-major, as nonzero() below
+    tile_masks = torch.zeros(n_partial, bm_, bn_, dtype=torch.bool)
+    b_i, m_i, n_i = partial.nonzero(as_tuple=True)
+    rows, cols = torch.arange(bm_).view(1, -1, 1), torch.arange(bn_).view(1, 1, -1)
+    for p0 in range(0, n_partial, _MASK_TILES_PER_CHUNK):
+        sl = slice(p0, p0 + _MASK_TILES_PER_CHUNK)
+        # Positions past the end repeat the last one: those elements are never read.
+        qpos = (m_i[sl].view(-1, 1, 1) * bm_ + rows).clamp(max=Tq - 1) + spec.q_offset
+        kpos = (n_i[sl].view(-1, 1, 1) * bn_ + cols).clamp(max=Tk - 1)
+        tile_masks[sl] = spec.visible(b_i[sl].view(-1, 1, 1), qpos, kpos, Tk)
+    spec._tile_cache[key] = hit = (tm, index, tile_masks)
+    return hit
+
+
 def forward(q, k, v, spec: MaskSpec, scale: float):
     """q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> (o [B, Tq, H, D], lse [B, H, Tq] natural log).
 
     lse is fp32 (fp64 for fp64 inputs) and +inf for rows that see no key.
     """
+    if use_native(q.dtype):
+        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        B, Tq, H, _ = q.shape
+        tm, index, tile_masks = _native_tiles(spec, Tq, k.shape[1])
+        o = torch.empty(q.shape, dtype=q.dtype)
+        lse = torch.empty(B, H, Tq, dtype=torch.float32)
+        _native.ops().attention_fwd(q, k, v, tm.kv_count, tm.kv_index, index, tile_masks,
+                                    NATIVE_Q_TILE, NATIVE_K_TILE, scale, o, lse)
+        return o, lse
     B, Tq, H, D = q.shape
     Tk, G = k.shape[1], H // k.shape[2]
     acc = lse_dtype(q.dtype)
@@ -149,6 +210,14 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
     Each call gets its rows' final o and lse, so its probabilities and rowsum(dO * O) are
     those of the whole row; dQ sums over the calls of a row.
     """
+    if use_native(q.dtype):
+        do, q, k, v = (_last_dim_contiguous(x) for x in (do, q, k, v))
+        tm, index, tile_masks = _native_tiles(spec, q.shape[1], k.shape[1])
+        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
+        _native.ops().attention_bwd(do, q, k, v, o, lse.contiguous(), tm.q_count, tm.q_index,
+                                    index, tile_masks, NATIVE_Q_TILE, NATIVE_K_TILE, scale, dq,
+                                    dk, dv)
+        return dq, dk, dv
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv

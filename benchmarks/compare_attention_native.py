@@ -1,0 +1,81 @@
+"""Native CPU block_attention against SDPA baselines at one shape, medians of a few repeats.
+
+    python benchmarks/compare_attention_native.py [--threads N] [--T 2048] [--repeats 5]
+
+Prints ms and ratios against SDPA is_causal (the work-equivalent floor), SDPA with the dense
+bool mask and, for full, SDPA without a mask; forward and forward + backward, fp32.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import blockmdm_kernels as bk
+from blockmdm_kernels import masks
+
+
+def _median_ms(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def _fwd_bwd(fn, grad):
+    def run():
+        fn().backward(grad)
+    return run
+
+
+def _runs(name, spec, B, T, H, D):
+    """{label: (callable returning the output, its output gradient)} for one spec."""
+    q, k, v = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
+    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    do = torch.randn(B, T, H, D)
+    doh = do.transpose(1, 2).contiguous()
+    dense = spec.dense(T, T)[:, None]
+    runs = {
+        "ours": (lambda: bk.block_attention(q, k, v, spec), do),
+        "sdpa_causal": (lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), doh),
+        "sdpa_dense": (lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=dense), doh),
+    }
+    if name == "full":
+        runs["sdpa_nomask"] = (lambda: F.scaled_dot_product_attention(qh, kh, vh), doh)
+    return runs
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--T", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--specs", default="block_causal,bd3,full,causal")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    B, H, D, T = 1, 8, 64, args.T
+    specs = {"block_causal": masks.block_causal(64), "bd3": masks.bd3(64),
+             "full": masks.full(), "causal": masks.causal()}
+    print(f"threads={torch.get_num_threads()} B={B} H={H} T={T} D={D} fp32")
+    for name in args.specs.split(","):
+        spec = specs[name]
+        runs = _runs(name, spec, B, T, H, D)
+        fwd, fb = {}, {}
+        for key, (fn, grad) in runs.items():
+            with torch.no_grad():
+                fwd[key] = _median_ms(fn, args.repeats)
+            fb[key] = _median_ms(_fwd_bwd(fn, grad), max(args.repeats // 2, 1))
+        for label, t in (("fwd", fwd), ("fwd+bwd", fb)):
+            ratios = " ".join(f"{key}/ours={t[key] / t['ours']:.2f}" for key in t if key != "ours")
+            times = " ".join(f"{key}={ms:.1f}ms" for key, ms in t.items())
+            print(f"{name:12s} {label:8s} {times} | {ratios}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
