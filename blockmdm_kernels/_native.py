@@ -10,6 +10,8 @@ makes the import fail.
 import os
 import warnings
 
+import torch  # noqa: F401 - loads the libtorch libraries the extension links against
+
 _C = None
 _error = None
 

@@ -5,9 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import blockmdm_kernels as bk
 from blockmdm_kernels import _native
+from tests.helpers import assert_close_rel
 
 _DISABLED = os.environ.get("BLOCKMDM_NO_NATIVE", "") not in ("", "0")
 
@@ -37,3 +39,52 @@ def test_no_native_env_disables_without_warning():
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.returncode == 0, out.stderr
     assert "BLOCKMDM_NO_NATIVE" in out.stdout
+
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="native extension not loaded")
+
+
+def _ce_reference(logits, rows, y, coef, gamma, z_loss):
+    """float64 row losses of logits[rows] and the gradient of sum(coef * loss) by autograd."""
+    from blockmdm_kernels.cross_entropy import reference
+
+    x = logits.double().requires_grad_(True)
+    loss = reference.row_losses(x[rows], y, gamma, z_loss)
+    (grad,) = torch.autograd.grad((loss * coef.double()).sum(), x)
+    return loss.detach(), grad
+
+
+@needs_native
+@pytest.mark.parametrize("N, V", [(1, 2), (7, 123), (63, 1000), (5, 32003)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gamma, z_loss", [(0.0, 0.0), (2.0, 0.0), (0.0, 1e-3), (1.5, 1e-2)])
+def test_native_cross_entropy_rows_matches_reference(N, V, dtype, gamma, z_loss):
+    logits = (torch.randn(N, V) * 4).to(dtype)
+    rows = torch.arange(N)[torch.rand(N) < 0.7] if N > 1 else torch.arange(1)
+    y = torch.randint(0, V, (rows.numel(),))
+    coef = torch.rand(rows.numel()) + 0.5
+    ref_loss, ref_grad = _ce_reference(logits, rows, y, coef, gamma, z_loss)
+    loss, grad = _native.ops().cross_entropy_rows(logits, rows, y, coef, gamma, z_loss)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_close_rel(loss, ref_loss, torch.float32, "loss")
+    assert_close_rel(grad, ref_grad, dtype, "grad")
+    unselected = torch.ones(N, dtype=torch.bool)
+    unselected[rows] = False
+    assert (grad[unselected] == 0).all()
+    only, none = _native.ops().cross_entropy_rows(logits, rows, y, None, gamma, z_loss)
+    assert none is None and torch.equal(only, loss)
+
+
+@needs_native
+def test_native_cross_entropy_rows_strided_and_extreme():
+    base = torch.randn(9, 2 * 517)
+    logits = base[:, :517]  # row stride 1034, unit last stride
+    logits[2, 5] = 80.0  # a row whose softmax is one-hot
+    logits[3, :] = -1e4
+    rows = torch.tensor([0, 2, 3, 8])
+    y = torch.tensor([4, 6, 516, 0])
+    coef = torch.ones(4)
+    ref_loss, ref_grad = _ce_reference(logits, rows, y, coef, 0.0, 0.0)
+    loss, grad = _native.ops().cross_entropy_rows(logits, rows, y, coef, 0.0, 0.0)
+    assert_close_rel(loss, ref_loss, torch.float32, "loss")
+    assert_close_rel(grad, ref_grad, torch.float32, "grad")
