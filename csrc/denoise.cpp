@@ -56,6 +56,105 @@ struct Top {
   }
 };
 
+// Max and its first index over [lo, hi), merged into `top` (whose segment comes first): per block
+// only a vector max, then the block that first reached the maximum is rescanned for the index.
+// Half the work per element of scan_top, which also tracks the runner-up.
+void scan_max(const float* x, int64_t lo, int64_t hi, Top& top) {
+  constexpr int64_t kBlock = 1024;
+  float m = top.m;
+  int64_t best = -1;
+  for (int64_t b = lo; b < hi; b += kBlock) {
+    const int64_t e = std::min(b + kBlock, hi);
+    int64_t j = b;
+    Vec vm(kNegInf);
+    for (; j + kW <= e; j += kW) vm = at::vec::maximum(vm, Vec::loadu(x + j));
+    float bm = at::vec::vec_reduce_all<float>(
+        [](Vec a, Vec c) { return at::vec::maximum(a, c); }, vm);
+    for (; j < e; ++j) bm = std::max(bm, x[j]);
+    if (bm > m) {
+      m = bm;
+      best = b;
+    }
+  }
+  if (best < 0) return;
+  for (int64_t j = best;; ++j) {
+    if (x[j] == m) {
+      top.m = m;
+      top.arg = j;
+      return;
+    }
+  }
+}
+
+// One pass over [lo, hi) for the max, its first index and the sum of exp(x - max) (and with
+// `ent` the sum of exp(x - max) * (x - max)), block by block: a block's max is taken first, the
+// sums so far are rescaled when it raises the running max, then the block (now in L1) is
+// exponentiated. Reading the row once keeps the exponentials overlapped with the memory stream.
+struct Online {
+  Top top;
+  int64_t best = -1, best_end = -1;  // the block that first reached the max
+  float s = 0.f, w = 0.f;
+};
+
+void scan_online(const float* x, int64_t lo, int64_t hi, bool ent, Online& o) {
+  constexpr int64_t kBlock = 1024;
+  const Vec low(std::numeric_limits<float>::lowest());
+  for (int64_t b = lo; b < hi; b += kBlock) {
+    const int64_t e = std::min(b + kBlock, hi);
+    int64_t j = b;
+    Vec vm(kNegInf);
+    for (; j + kW <= e; j += kW) vm = at::vec::maximum(vm, Vec::loadu(x + j));
+    float bm = at::vec::vec_reduce_all<float>(
+        [](Vec a, Vec c) { return at::vec::maximum(a, c); }, vm);
+    for (; j < e; ++j) bm = std::max(bm, x[j]);
+    float& m = o.top.m;
+    if (bm > m) {
+      if (m != kNegInf) {
+        const float scale = std::exp(m - bm);
+        o.w = scale * (o.w + (m - bm) * o.s);
+        o.s *= scale;
+      }
+      m = bm;
+      o.best = b;
+      o.best_end = e;
+    }
+    if (m == kNegInf) continue;  // nothing but -inf so far: no mass
+    const Vec vmax(m);
+    Vec vs(0.f), vw(0.f);
+    j = b;
+    if (ent) {
+      for (; j + kW <= e; j += kW) {
+        // clamped so that exp(-inf) * (x - m) is 0 * finite, not NaN
+        const Vec d = at::vec::maximum(Vec::loadu(x + j) - vmax, low);
+        const Vec ex = d.exp_u20();
+        vs = vs + ex;
+        vw = at::vec::fmadd(ex, d, vw);
+      }
+    } else {
+      for (; j + kW <= e; j += kW) vs = vs + (Vec::loadu(x + j) - vmax).exp_u20();
+    }
+    float bs = at::vec::vec_reduce_all<float>([](Vec a, Vec c) { return a + c; }, vs);
+    float bw = ent ? at::vec::vec_reduce_all<float>([](Vec a, Vec c) { return a + c; }, vw) : 0.f;
+    for (; j < e; ++j) {
+      const float d = std::max(x[j] - m, std::numeric_limits<float>::lowest());
+      const float ex = std::exp(d);
+      bs += ex;
+      bw += ex * d;
+    }
+    o.s += bs;
+    if (ent) o.w += bw;
+  }
+}
+
+void finish_online(const float* x, Online& o) {
+  for (int64_t j = o.best; j >= 0 && j < o.best_end; ++j) {
+    if (x[j] == o.top.m) {
+      o.top.arg = j;
+      return;
+    }
+  }
+}
+
 void scan_top(const float* x, int64_t lo, int64_t hi, Top& top) {
   int64_t j = lo;
   if (hi - lo >= kW) {
@@ -87,12 +186,16 @@ float scan_exp(const float* x, int64_t lo, int64_t hi, float m, bool ent, float&
   const Vec vm(m), low(std::numeric_limits<float>::lowest());
   Vec vs(0.f), vw(0.f);
   int64_t j = lo;
-  for (; j + kW <= hi; j += kW) {
-    // clamped so that exp(-inf) * (x - m) is 0 * finite, not NaN
-    const Vec d = at::vec::maximum(Vec::loadu(x + j) - vm, low);
-    const Vec e = d.exp_u20();
-    vs = vs + e;
-    if (ent) vw = at::vec::fmadd(e, d, vw);
+  if (ent) {
+    for (; j + kW <= hi; j += kW) {
+      // clamped so that exp(-inf) * (x - m) is 0 * finite, not NaN
+      const Vec d = at::vec::maximum(Vec::loadu(x + j) - vm, low);
+      const Vec e = d.exp_u20();
+      vs = vs + e;
+      vw = at::vec::fmadd(e, d, vw);
+    }
+  } else {
+    for (; j + kW <= hi; j += kW) vs = vs + (Vec::loadu(x + j) - vm).exp_u20();
   }
   float s = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vs);
   if (ent) w += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vw);
@@ -163,10 +266,27 @@ void token_and_confidence(const at::Tensor& logits, const std::vector<int64_t>& 
         x = buf.data();
       }
       // the mask token is never chosen and takes no probability: the row is two segments
+      const bool ent = p.confidence == kEntropy;
       Top top;
-      if (need_top) {
+      float s = 0.f, w = 0.f;
+      if (p.confidence == kMargin) {
         scan_top(x, 0, p.mask_id, top);
         scan_top(x, p.mask_id + 1, V, top);
+        s = scan_exp(x, 0, p.mask_id, top.m, false, w) +
+            scan_exp(x, p.mask_id + 1, V, top.m, false, w);
+      } else if (p.confidence == kRandom) {
+        if (need_top) {
+          scan_max(x, 0, p.mask_id, top);
+          scan_max(x, p.mask_id + 1, V, top);
+        }
+      } else {
+        Online o;
+        scan_online(x, 0, p.mask_id, ent, o);
+        scan_online(x, p.mask_id + 1, V, ent, o);
+        finish_online(x, o);
+        top = o.top;
+        s = o.s;
+        w = o.w;
       }
       int64_t t = top.arg;
       if (sampled) {
@@ -177,15 +297,10 @@ void token_and_confidence(const at::Tensor& logits, const std::vector<int64_t>& 
         scan_gumbel(x, p.mask_id + 1, V, p.temperature, p.seed, first, best, t);
       }
       tok[flat] = t;
+      const float m = top.m;
       if (p.confidence == kRandom) {
         conf[flat] = static_cast<float>(uniform(p.seed ^ kRandomKey, static_cast<uint64_t>(flat)));
-        continue;
-      }
-      const float m = top.m;
-      float w = 0.f;
-      const bool ent = p.confidence == kEntropy;
-      const float s = scan_exp(x, 0, p.mask_id, m, ent, w) + scan_exp(x, p.mask_id + 1, V, m, ent, w);
-      if (p.confidence == kProb) {
+      } else if (p.confidence == kProb) {
         conf[flat] = sampled ? std::exp(x[t] - m) / s : 1.f / s;
       } else if (p.confidence == kMargin) {
         conf[flat] = (1.f - std::exp(top.m2 - m)) / s;

@@ -48,24 +48,36 @@ constexpr uint16_t kAll = 0x3FE;  // bits 1..9: the digits
 
 struct Cells {
   uint8_t row[81], col[81], box[81];
+  uint8_t peers[81][20];  // the other cells of a cell's row, column and box
+  uint8_t units[27][9];   // rows, columns, boxes
   Cells() {
     for (int i = 0; i < 81; ++i) {
       row[i] = i / 9;
       col[i] = i % 9;
       box[i] = (i / 27) * 3 + (i % 9) / 3;
     }
+    for (int i = 0; i < 81; ++i) {
+      int n = 0;
+      for (int j = 0; j < 81; ++j)
+        if (j != i && (row[j] == row[i] || col[j] == col[i] || box[j] == box[i])) peers[i][n++] = j;
+    }
+    int fill[27] = {};
+    for (int i = 0; i < 81; ++i) {
+      units[row[i]][fill[row[i]]++] = i;
+      units[9 + col[i]][fill[9 + col[i]]++] = i;
+      units[18 + box[i]][fill[18 + box[i]]++] = i;
+    }
   }
 };
 const Cells kCells;
 
-// Depth-first search over the blank cells, the one with the fewest candidates first (the first
-// such cell in index order; a cell with <= 1 candidate is taken at once), digits in increasing
-// order or shuffled by `rng`. Stops after `limit` solutions; the first is kept.
+// The random grid filler, sudoku.solve(..., rng=) step for step: depth-first over the blank
+// cells, the one with the fewest candidates first (the first such cell in index order; a cell
+// with <= 1 candidate is taken at once), digits shuffled by `rng`. Stops after `limit` solutions;
+// the first is kept. (Counting solutions, where only the count matters, uses the faster Counter.)
 struct Search {
   uint8_t g[81];
   uint16_t rows[9] = {}, cols[9] = {}, boxes[9] = {};
-  int forbid_cell = -1;
-  uint16_t forbid_bit = 0;
   Stream* rng = nullptr;
   int limit = 2;
   int found = 0;
@@ -97,8 +109,7 @@ struct Search {
     boxes[kCells.box[i]] &= bit;
   }
   uint16_t candidates(int i) const {
-    uint16_t c = kAll & ~(rows[kCells.row[i]] | cols[kCells.col[i]] | boxes[kCells.box[i]]);
-    return i == forbid_cell ? c & ~forbid_bit : c;
+    return kAll & ~(rows[kCells.row[i]] | cols[kCells.col[i]] | boxes[kCells.box[i]]);
   }
   bool run() {
     int best = -1, best_n = 10;
@@ -131,6 +142,110 @@ struct Search {
   }
 };
 
+// Solution counting with constraint propagation: candidate masks per cell, naked and hidden
+// singles placed until nothing changes, then a branch on a cell with the fewest candidates.
+struct Counter {
+  struct State {
+    uint16_t cand[81];  // 0 for a filled cell
+    uint8_t g[81];
+    int left;
+  };
+  int limit = 2;
+  int found = 0;
+  uint8_t first[81];
+
+  // false when the givens clash; `forbid_cell` loses the candidate `forbid_digit`
+  static bool load(const uint8_t* grid, State& s, int forbid_cell = -1, int forbid_digit = 0) {
+    uint16_t rows[9] = {}, cols[9] = {}, boxes[9] = {};
+    s.left = 0;
+    for (int i = 0; i < 81; ++i) {
+      s.g[i] = grid[i];
+      if (!grid[i]) {
+        ++s.left;
+        continue;
+      }
+      const uint16_t bit = 1u << grid[i];
+      if ((rows[kCells.row[i]] | cols[kCells.col[i]] | boxes[kCells.box[i]]) & bit) return false;
+      rows[kCells.row[i]] |= bit;
+      cols[kCells.col[i]] |= bit;
+      boxes[kCells.box[i]] |= bit;
+    }
+    for (int i = 0; i < 81; ++i)
+      s.cand[i] = s.g[i] ? 0 : kAll & ~(rows[kCells.row[i]] | cols[kCells.col[i]] |
+                                         boxes[kCells.box[i]]);
+    if (forbid_cell >= 0) s.cand[forbid_cell] &= ~(1u << forbid_digit);
+    return true;
+  }
+  static bool assign(State& s, int i, int d) {
+    const uint16_t bit = 1u << d;
+    s.g[i] = d;
+    s.cand[i] = 0;
+    --s.left;
+    for (int p : kCells.peers[i]) {
+      if (s.cand[p] & bit) {
+        s.cand[p] &= ~bit;
+        if (!s.cand[p]) return false;
+      }
+    }
+    return true;
+  }
+  static bool propagate(State& s) {
+    for (bool changed = true; changed;) {
+      changed = false;
+      for (int i = 0; i < 81; ++i) {
+        const uint16_t c = s.cand[i];
+        if (!s.g[i] && !c) return false;
+        if (c && !(c & (c - 1))) {
+          if (!assign(s, i, __builtin_ctz(c))) return false;
+          changed = true;
+        }
+      }
+      for (const auto& unit : kCells.units) {
+        uint16_t once = 0, twice = 0, placed = 0;
+        for (int c : unit) {
+          if (s.g[c]) {
+            placed |= 1u << s.g[c];
+          } else {
+            twice |= once & s.cand[c];
+            once |= s.cand[c];
+          }
+        }
+        if ((once | placed) != kAll) return false;  // a digit with no place left in the unit
+        for (uint16_t single = once & ~twice & ~placed; single; single &= single - 1) {
+          const int d = __builtin_ctz(single);
+          int cell = -1;
+          for (int c : unit)
+            if (s.cand[c] >> d & 1) cell = c;
+          if (cell < 0 || !assign(s, cell, d)) return false;
+          changed = true;
+        }
+      }
+    }
+    return true;
+  }
+  // true once `limit` solutions are found
+  bool run(State& s) {
+    if (!propagate(s)) return false;
+    if (s.left == 0) {
+      if (found++ == 0) std::memcpy(first, s.g, 81);
+      return found >= limit;
+    }
+    int best = -1, best_n = 10;
+    for (int i = 0; i < 81; ++i) {
+      const int n = __builtin_popcount(s.cand[i]);
+      if (s.cand[i] && n < best_n) {
+        best = i, best_n = n;
+        if (n == 2) break;
+      }
+    }
+    for (uint16_t c = s.cand[best]; c; c &= c - 1) {
+      State t = s;
+      if (assign(t, best, __builtin_ctz(c)) && run(t)) return true;
+    }
+    return false;
+  }
+};
+
 // (puzzle, solution) with exactly `holes` blanks and one solution: fill a random grid, blank
 // cells in random order keeping a blank only while the solution stays unique, start over when
 // the order runs out before `holes` blanks.
@@ -154,12 +269,11 @@ void make_puzzle(uint64_t seed, int holes, uint64_t index, uint64_t attempt, uin
       const int i = order[j];
       puzzle[i] = 0;
       // Unique iff no solution puts another digit in the cell just blanked.
-      Search check;
-      check.load(puzzle);
-      check.forbid_cell = i;
-      check.forbid_bit = 1u << solution[i];
+      Counter check;
+      Counter::State state;
       check.limit = 1;
-      if (check.candidates(i) != 0 && (check.run(), check.found > 0)) {
+      Counter::load(puzzle, state, i, solution[i]);
+      if (state.cand[i] != 0 && check.run(state)) {
         puzzle[i] = solution[i];
       } else {
         ++blanks;
@@ -203,13 +317,14 @@ std::tuple<at::Tensor, at::Tensor> sudoku_count(const at::Tensor& grids, int64_t
   uint8_t* s = solutions.data_ptr<uint8_t>();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
   for (int64_t k = 0; k < n; ++k) {
-    Search search;
-    search.limit = static_cast<int>(limit);
+    Counter counter;
+    Counter::State state;
+    counter.limit = static_cast<int>(limit);
     c[k] = 0;
-    if (!search.load(g + k * 81)) continue;
-    search.run();
-    c[k] = search.found;
-    if (search.found) std::memcpy(s + k * 81, search.first, 81);
+    if (!Counter::load(g + k * 81, state)) continue;
+    counter.run(state);
+    c[k] = counter.found;
+    if (counter.found) std::memcpy(s + k * 81, counter.first, 81);
   }
   return {counts, solutions};
 }

@@ -88,3 +88,31 @@ def test_native_cross_entropy_rows_strided_and_extreme():
     loss, grad = _native.ops().cross_entropy_rows(logits, rows, y, coef, 0.0, 0.0)
     assert_close_rel(loss, ref_loss, torch.float32, "loss")
     assert_close_rel(grad, ref_grad, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [{}, {"focal_gamma": 2.0, "z_loss": 1e-3, "reduction": "sum"},
+                                {"reduction": "none"}])
+def test_masked_cross_entropy_cpu_native_and_fallback(native, dtype, kw, monkeypatch):
+    if native and not _native.available():
+        pytest.skip("native extension not loaded")
+    if not native:
+        monkeypatch.setattr(_native, "available", lambda: False)
+    from blockmdm_kernels.cross_entropy import reference
+
+    B, T, V = 3, 37, 1001
+    logits = (torch.randn(B, T, V) * 3).to(dtype)
+    targets = torch.randint(0, V, (B, T))
+    targets[0, :5] = -100
+    weights = torch.rand(B, T)
+    weights[1, 3:9] = 0
+    x = logits.clone().requires_grad_(True)
+    loss = bk.masked_cross_entropy(x, targets, weights, **kw)
+    ref_x = logits.double().requires_grad_(True)
+    ref = reference.masked_cross_entropy(ref_x, targets, weights.double(), **kw)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    (loss.double() * g).sum().backward()
+    (ref * g).sum().backward()
+    assert_close_rel(loss.detach(), ref.detach(), torch.float32, "loss")
+    assert_close_rel(x.grad, ref_x.grad, dtype, "grad")
