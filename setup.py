@@ -2,8 +2,8 @@
 
 The extension is an accelerator, never a requirement: when csrc/ holds no sources, torch's C++
 toolchain is missing, the compile fails or ``BLOCKMDM_NO_NATIVE=1`` is set, the package installs
-without it and ``blockmdm_kernels._native`` reports why. Build with ``pip install --no-build-isolation`` so the
-extension compiles against the torch already installed.
+without it and ``blockmdm_kernels._native`` reports why. Build with
+``pip install --no-build-isolation`` so the extension compiles against the torch already installed.
 """
 
 import glob

@@ -3,7 +3,8 @@
 A graph has ``degree`` arms leaving a source s, each ``path_len`` nodes long counting s; node
 ids are drawn at random from range(n_nodes) and the directed edges (parent, child) are shuffled.
 Line k of a set is drawn from its own splitmix64 stream keyed by (seed, k) (``tasks._common``);
-the native engine (``blockmdm_kernels._C.star_graphs``) draws the same lines. A line is ``u,v|u,v|...|u,v/s,g=p1,p2,...,p_len`` with p1 = s and p_len = g.
+the native engine (``blockmdm_kernels._C.star_graphs``) draws the same lines. A line is
+``u,v|u,v|...|u,v/s,g=p1,p2,...,p_len`` with p1 = s and p_len = g.
 
 Tokens: node i -> i, ``|`` -> N, ``=`` -> N+1, ``/`` -> N+2, ``$`` (pad) -> N+3, MASK -> N+4
 (written ``?`` by ``decode``), N = n_nodes; commas are dropped. ``encode`` aligns ``=`` across
@@ -15,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from blockmdm_kernels import _native
-
 from blockmdm.tasks._common import Stream, cached_lines, check_int, key, read_lines
+from blockmdm_kernels import _native
 
 CONTINUOUS = False
 DEFAULTS = {"n_nodes": 100, "degree": 3, "path_len": 10}

@@ -14,7 +14,7 @@ stream (seed, holes, k, attempt)), and sets of different seeds come from disjoin
 training set (seed s) and the evaluation set (seed s + 1) share no puzzle but by a chance of
 order n^2 / 10^21. The native engine (``blockmdm_kernels._C.sudoku_generate``, OpenMP over
 puzzles) runs the same algorithm on the same streams and gives the same lines; without it the
-Python generator takes ~5 ms per puzzle up to ~55 holes and much longer near 58. Sets are cached
+pure-Python generator makes them one at a time on one core, orders of magnitude slower. Sets are cached
 on disk keyed by (holes, n, seed).
 """
 
@@ -23,9 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from blockmdm_kernels import _native
-
 from blockmdm.tasks._common import Stream, cached_lines, check_int, key, read_lines
+from blockmdm_kernels import _native
 
 CONTINUOUS = False
 DEFAULTS = {"difficulty": 0.8}
