@@ -14,8 +14,8 @@ stream (seed, holes, k, attempt)), and sets of different seeds come from disjoin
 training set (seed s) and the evaluation set (seed s + 1) share no puzzle but by a chance of
 order n^2 / 10^21. The native engine (``blockmdm_kernels._C.sudoku_generate``, OpenMP over
 puzzles) runs the same algorithm on the same streams and gives the same lines; without it the
-pure-Python generator makes them one at a time on one core, orders of magnitude slower. Sets are cached
-on disk keyed by (holes, n, seed).
+pure-Python generator makes them one at a time on one core, orders of magnitude slower. Sets are
+cached on disk keyed by (holes, n, seed).
 """
 
 from __future__ import annotations
