@@ -1,9 +1,9 @@
 """Builds the optional native CPU extension ``blockmdm_kernels._C`` from csrc/.
 
 The extension is an accelerator, never a requirement: when csrc/ holds no sources, torch's C++
-toolchain is missing, or the compile fails, the package installs without it and
-``blockmdm_kernels._native`` reports why. Build with ``pip install --no-build-isolation`` so the
-extension compiles against the torch already installed.
+toolchain is missing, the compile fails or ``BLOCKMDM_NO_NATIVE=1`` is set, the package installs
+without it and ``blockmdm_kernels._native`` reports why. Build with
+``pip install --no-build-isolation`` so the extension compiles against the torch already installed.
 """
 
 import glob
@@ -39,7 +39,7 @@ _ISA_FLAGS = {
 
 def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    if not sources or os.environ.get("BLOCKMDM_NO_EXTENSION"):
+    if not sources or os.environ.get("BLOCKMDM_NO_NATIVE", "") not in ("", "0"):
         return {}, []
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension

@@ -1,19 +1,29 @@
 """blockmdm_kernels: fused kernels for masked diffusion language models with blockwise masks.
 
     import blockmdm_kernels as bk
-    from blockmdm_kernels import masks
+    from blockmdm_kernels import _native, masks
 
     o = bk.block_attention(q, k, v, masks.block_causal(16, prefix=82))
     loss = bk.linear_masked_cross_entropy(hidden, weight, targets, weights)
     tokens, committed, conf = bk.denoise_step(logits, tokens, active, mask_id=m, k=2)
 """
 
-from blockmdm_kernels import masks
+from blockmdm_kernels import _native, masks
 from blockmdm_kernels.attention import block_attention
 from blockmdm_kernels.cross_entropy import linear_masked_cross_entropy, masked_cross_entropy
 from blockmdm_kernels.denoise import denoise_step
 
 __version__ = "0.1.0"
+
+
+def native_available() -> bool:
+    """True when the native CPU extension is loaded (CPU tensors then take its kernels).
+
+    False when it was not built, failed to load, or ``BLOCKMDM_NO_NATIVE=1`` is set;
+    ``blockmdm_kernels._native.why_not()`` says which.
+    """
+    return _native.available()
+
 
 __all__ = [
     "masks",
@@ -21,5 +31,6 @@ __all__ = [
     "linear_masked_cross_entropy",
     "masked_cross_entropy",
     "denoise_step",
+    "native_available",
     "__version__",
 ]

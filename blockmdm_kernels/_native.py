@@ -1,16 +1,28 @@
 """Loads the optional native CPU extension ``blockmdm_kernels._C``.
 
 ``available()`` says whether it loaded and ``why_not()`` why it did not; ops use the extension
-when it is there and their pure-torch CPU path otherwise.
+for CPU tensors when it is there and their pure-torch CPU path otherwise. ``BLOCKMDM_NO_NATIVE=1``
+(read once, at import) leaves it unloaded, so the fallback paths can be run and tested on a
+machine that has it. A build that is missing or fails to load warns once, saying why, and never
+makes the import fail.
 """
+
+import os
+import warnings
+
+import torch  # noqa: F401 - loads the libtorch libraries the extension links against
 
 _C = None
 _error = None
 
-try:
-    from blockmdm_kernels import _C  # type: ignore[attr-defined, no-redef]
-except ImportError as err:  # built without csrc/ or without a compiler
-    _error = f"native extension not built: {err}"
+if os.environ.get("BLOCKMDM_NO_NATIVE", "").strip().lower() in ("1", "true", "yes", "on"):
+    _error = "native extension disabled by BLOCKMDM_NO_NATIVE=1"
+else:
+    try:
+        from blockmdm_kernels import _C  # type: ignore[attr-defined, no-redef]
+    except (ImportError, OSError) as err:  # not built, or built against another torch
+        _error = f"native extension not loaded ({err}); using the pure-torch CPU paths"
+        warnings.warn(f"blockmdm_kernels: {_error}", RuntimeWarning, stacklevel=2)
 
 
 def available() -> bool:
@@ -22,7 +34,7 @@ def why_not() -> str:
 
 
 def ops():
-    """The extension module; raises RuntimeError (with the reason) when it is not built."""
+    """The extension module; raises RuntimeError (with the reason) when it is not loaded."""
     if _C is None:
         raise RuntimeError(_error)
     return _C

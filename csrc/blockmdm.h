@@ -6,6 +6,10 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
+#include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -35,9 +39,34 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 bool attention_use_blas(bool use);
 
 // denoise.cpp
+// The whole denoising step of blockmdm_kernels.denoise_step on CPU tensors: logits [B, T, V]
+// float32/bfloat16/float16, tokens integer [B, T], active bool [B, T], k_rows int64 [B] or k, or
+// a threshold; confidence 0 prob, 1 margin, 2 entropy, 3 random; seed read only when sampling or
+// random. Returns (tokens, committed bool [B, T], confidence float32 [B, T]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_step(
+    const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& active,
+    const std::optional<at::Tensor>& k_rows, int64_t k, std::optional<double> threshold,
+    int64_t mask_id, double temperature, int64_t confidence, int64_t seed);
 
 // cross_entropy.cpp
+// Row losses of logits[rows] (float32 [n]) and, with coef (float32 [n], d loss / d row loss),
+// the logits gradient [N, V] in the logits dtype (zero outside rows), in one pass per row.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_rows(const at::Tensor& logits,
+                                                      const at::Tensor& rows,
+                                                      const at::Tensor& targets,
+                                                      const std::optional<at::Tensor>& coef,
+                                                      double focal_gamma, double z_loss);
 
 // tasks.cpp
+// uint8 [n, 2, 81] (puzzle, solution; 0 = blank): puzzles first .. first + n - 1 of (seed, holes)
+at::Tensor sudoku_generate(uint64_t seed, int64_t holes, int64_t first, int64_t n,
+                           int64_t attempt);
+// grids uint8 [n, 81] -> (solution count capped at limit int64 [n], first solution uint8 [n, 81])
+std::tuple<at::Tensor, at::Tensor> sudoku_count(const at::Tensor& grids, int64_t limit);
+// complete grids uint8 [n, 81] (digits 1-9) -> bool [n], a valid Sudoku
+at::Tensor sudoku_valid(const at::Tensor& grids);
+// lines first .. first + n - 1 of the path-star task (blockmdm/tasks/pathfind.py)
+std::vector<std::string> star_graphs(uint64_t seed, int64_t first, int64_t n, int64_t n_nodes,
+                                     int64_t degree, int64_t path_len);
 
 }  // namespace blockmdm

@@ -2,6 +2,9 @@
 
 #include "blockmdm.h"
 
+namespace py = pybind11;
+using namespace pybind11::literals;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "blockmdm native CPU kernels";
 
@@ -14,9 +17,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tile products via torch's BLAS sgemm (True) or at::addmm_out; returns whether it exists");
 
   // denoise
+  m.def("denoise_step", &blockmdm::denoise_step, "logits"_a, "tokens"_a, "active"_a, "k_rows"_a,
+        "k"_a, "threshold"_a, "mask_id"_a, "temperature"_a, "confidence"_a, "seed"_a,
+        py::call_guard<py::gil_scoped_release>());
 
   // cross_entropy
+  m.def("cross_entropy_rows", &blockmdm::cross_entropy_rows, "logits"_a, "rows"_a, "targets"_a,
+        "coef"_a, "focal_gamma"_a, "z_loss"_a, py::call_guard<py::gil_scoped_release>());
 
   // tasks
+  m.def("sudoku_generate", &blockmdm::sudoku_generate, "seed"_a, "holes"_a, "first"_a, "n"_a,
+        "attempt"_a, py::call_guard<py::gil_scoped_release>());
+  m.def("sudoku_count", &blockmdm::sudoku_count, "grids"_a, "limit"_a,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("sudoku_valid", &blockmdm::sudoku_valid, "grids"_a,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("star_graphs", &blockmdm::star_graphs, "seed"_a, "first"_a, "n"_a, "n_nodes"_a,
+        "degree"_a, "path_len"_a, py::call_guard<py::gil_scoped_release>());
 
 }

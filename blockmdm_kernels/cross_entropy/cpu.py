@@ -9,6 +9,8 @@ over: same arguments, same returns.
 
 import torch
 
+from blockmdm_kernels import _native
+
 # Elements in one chunk of logits (32 MiB of fp32): small next to N*V for the shapes that matter,
 # and enough rows per chunk that the matmuls are not bound by streaming the weight from memory.
 CHUNK_ELEMENTS = 1 << 23
@@ -142,6 +144,8 @@ def cross_entropy_rows(logits, rows, y, coef, focal_gamma, z_loss, rows_per_chun
     Returns:
         loss [n] (compute dtype), grad [N, V] (zero outside ``rows``) or None.
     """
+    if _native_rows(logits):
+        return _native.ops().cross_entropy_rows(logits, rows, y, coef, focal_gamma, z_loss)
     ct = compute_dtype(logits.dtype)
     n, V = rows.shape[0], logits.shape[1]
     loss = torch.empty(n, dtype=ct, device=logits.device)
@@ -155,3 +159,10 @@ def cross_entropy_rows(logits, rows, y, coef, focal_gamma, z_loss, rows_per_chun
         if grad is not None:
             grad.index_copy_(0, r, x.to(logits.dtype))
     return loss, grad
+
+
+def _native_rows(logits) -> bool:
+    """The native row kernel (csrc/cross_entropy.cpp) takes CPU float32/16 logits [N, V] with a
+    unit last stride when the extension is loaded; float64 stays on the torch path."""
+    return (_native.available() and logits.device.type == "cpu" and logits.stride(-1) == 1
+            and logits.dtype in (torch.float32, torch.float16, torch.bfloat16))

@@ -92,9 +92,8 @@ def _denoise_op(
     if backend == "cpu":
         from blockmdm_kernels.denoise import cpu
 
-        tok, conf = cpu.token_and_confidence(logits, active, **args)
-    else:
-        tok, conf = reference.token_and_confidence(logits, active, **args)
+        return cpu.denoise_step(logits, tokens, active, k=k, threshold=threshold, **args)
+    tok, conf = reference.token_and_confidence(logits, active, **args)
     committed = reference.select(conf, active, k, threshold)
     return torch.where(committed, tok.to(tokens.dtype), tokens), committed, conf
 

@@ -1,4 +1,5 @@
-"""CPU denoising step: vectorised torch over the active rows only.
+"""CPU denoising step: the native kernel (csrc/denoise.cpp) when the extension is loaded, else
+vectorised torch over the active rows only.
 
 The active rows are gathered once into a float32 [N, V] work tensor that is then updated in
 place (shift by the row max, exponentiate), so no softmax over [B, T, V] is ever built and
@@ -8,10 +9,27 @@ tensors. Token choice and the random streams are the reference's, so the results
 
 import torch
 
+from blockmdm_kernels import _native
 from blockmdm_kernels.denoise import reference
 
 # rows per chunk of float64 Gumbel noise: ~ _CHUNK_ELEMS * 8 bytes per temporary
 _CHUNK_ELEMS = 1 << 22
+
+
+def denoise_step(logits, tokens, active, *, k, threshold, mask_id, temperature, confidence, seed):
+    """The whole step (see :func:`blockmdm_kernels.denoise_step`); ``k`` is an int, an int64 [B]
+    tensor or None (with ``threshold``). Returns (tokens, committed, confidence)."""
+    if _native.available() and logits.shape[-1] < 1 << 24:  # the kernel keeps indices in fp32
+        x = logits if logits.stride(-1) == 1 else logits.contiguous()
+        k_rows = k if isinstance(k, torch.Tensor) else None
+        k_int = 0 if k is None or k_rows is not None else int(k)
+        return _native.ops().denoise_step(
+            x, tokens, active, k_rows, k_int, threshold, mask_id, temperature,
+            reference.CONFIDENCES.index(confidence), 0 if seed is None else int(seed.item()))
+    tok, conf = token_and_confidence(logits, active, mask_id=mask_id, temperature=temperature,
+                                     confidence=confidence, seed=seed)
+    committed = reference.select(conf, active, k, threshold)
+    return torch.where(committed, tok.to(tokens.dtype), tokens), committed, conf
 
 
 def token_and_confidence(logits, active, *, mask_id, temperature, confidence, seed):

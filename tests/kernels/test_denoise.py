@@ -2,13 +2,15 @@ import pytest
 import torch
 
 import blockmdm_kernels as bk
+from blockmdm_kernels import _native
 from blockmdm_kernels.denoise import reference
 from tests.helpers import assert_close_rel, devices
 
 # The interpreter evaluates the discarded side of tl.where on -inf lanes too (numpy warns).
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-FAST = ["cpu", "triton"]
+# "cpu" takes the native kernel where the extension is loaded; "cpu_torch" is the torch fallback
+FAST = ["cpu", "cpu_torch", "triton"]
 ALL = ["reference", *FAST]
 CONFIDENCES = ["prob", "margin", "entropy", "random"]
 SHAPES = [(2, 1, 123), (2, 63, 123), (2, 5, 1000)]
@@ -21,11 +23,15 @@ def on(backend):
 
 
 def step(backend, monkeypatch, logits, tokens, active, **kw):
-    monkeypatch.setenv("BLOCKMDM_BACKEND", backend)
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "cpu" if backend == "cpu_torch" else backend)
+    available = _native.available
+    if backend == "cpu_torch":
+        monkeypatch.setattr(_native, "available", lambda: False)
     try:
         return bk.denoise_step(logits, tokens, active, **kw)
     finally:
         monkeypatch.delenv("BLOCKMDM_BACKEND")
+        monkeypatch.setattr(_native, "available", available)
 
 
 def problem(B, T, V, dtype=torch.float32, mask_id=None, frac=0.6, device="cpu"):
@@ -381,3 +387,44 @@ def test_denoise_step_huge_k():
     logits, tokens, active, mask_id = problem(2, 8, 40)
     _, committed, _ = bk.denoise_step(logits, tokens, active, mask_id=mask_id, k=10**30)
     assert torch.equal(committed, active)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu_torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_denoise_step_cpu_dtypes_and_strides(backend, dtype, monkeypatch):
+    logits, tokens, active, mask_id = problem(3, 11, 2011, dtype=dtype, mask_id=1000)
+    # batch-major strides permuted, and a last dimension with stride 2
+    permuted = logits.transpose(0, 1).contiguous().transpose(0, 1)
+    spaced = torch.stack([logits, logits], -1).flatten(-2)[..., ::2]
+    for x in (permuted, spaced):
+        assert torch.equal(x, logits)
+        for temperature, confidence in ((0.0, "margin"), (0.9, "prob"), (0.0, "entropy")):
+            kw = dict(mask_id=mask_id, k=2, temperature=temperature, confidence=confidence)
+            ref = step("reference", monkeypatch, logits, tokens, active, generator=gen(), **kw)
+            out = step(backend, monkeypatch, x, tokens, active, generator=gen(), **kw)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+            assert_close_rel(out[2][active], ref[2][active], torch.float32, confidence)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu_torch"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_denoise_step_cpu_large_vocab_all_active(backend, temperature, monkeypatch):
+    # the benchmark's case (every row active) at a vocabulary that is not a multiple of a vector
+    logits, tokens, active, mask_id = problem(2, 7, 32003, mask_id=31999, frac=1.1)
+    for confidence in CONFIDENCES:
+        kw = dict(mask_id=mask_id, k=torch.tensor([3, 9]), temperature=temperature,
+                  confidence=confidence)
+        ref = step("reference", monkeypatch, logits, tokens, active, generator=gen(), **kw)
+        out = step(backend, monkeypatch, logits, tokens, active, generator=gen(), **kw)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+        assert_close_rel(out[2], ref[2], torch.float32, confidence)
+
+
+def test_denoise_step_cpu_native_is_used(monkeypatch):
+    if not bk.native_available():
+        pytest.skip("native extension not loaded")
+    calls, real = [], _native.ops
+    monkeypatch.setattr(_native, "ops", lambda: calls.append(1) or real())
+    logits, tokens, active, mask_id = problem(2, 5, 99)
+    bk.denoise_step(logits, tokens, active, mask_id=mask_id, k=1)
+    assert calls

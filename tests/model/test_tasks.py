@@ -4,6 +4,12 @@ import torch
 from blockmdm import tasks
 from blockmdm.tasks import linreg, pathfind, sudoku
 
+from blockmdm_kernels import _native
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="native extension not loaded")
+# The first of the known 17-clue puzzles: a hard case for a plain backtracking solver.
+HARD_17 = "000000010400000000020000000000050407008000300001090000300400200050100000000806000"
+
 
 def _count_solutions(cells, limit=2):
     """Solutions of ``cells`` (81 ints, 0 = blank), up to ``limit``."""
@@ -50,12 +56,96 @@ def _is_valid_grid(cells):
 
 
 def test_sudoku_generate_unique_by_independent_solver():
-    # pool_size=2 for 6 puzzles: four of them come from the symmetry expansion of the pool.
-    lines = sudoku.generate(6, seed=3, pool_size=2, cache=False)
+    lines = sudoku.generate(6, seed=3, cache=False)
     assert len(set(lines)) == 6
     for line in lines:
         puzzle, solution = _split(line)
         assert _count_solutions(puzzle) == [solution]
+
+
+def test_sudoku_generate_distinct_unique_and_splits_disjoint():
+    train = sudoku.generate(300, seed=0, difficulty=0.0, cache=False)
+    held_out = sudoku.generate(300, seed=1, difficulty=0.0, cache=False)
+    assert len(set(train)) == len(set(held_out)) == 300
+    assert not set(train) & set(held_out)
+    # no two puzzles are relabellings of one another: their blank patterns differ
+    assert len({line[:81].translate(str.maketrans("123456789", "111111111"))
+                for line in train}) == 300
+    for line in train[:100]:
+        puzzle, solution = _split(line)
+        assert sudoku.solve(puzzle, limit=2) == [solution]
+
+
+def test_sudoku_generate_redraws_a_repeat(monkeypatch):
+    real = sudoku._generate_digits
+
+    def repeating(seed, holes, first, n, attempt):
+        out = real(seed, holes, first, n, attempt)
+        if attempt == 0 and n > 1:
+            out[2] = out[0]  # puzzle 2 repeats puzzle 0: it must be redrawn from attempt 1
+        return out
+
+    monkeypatch.setattr(sudoku, "_generate_digits", repeating)
+    lines = sudoku.generate(4, seed=9, difficulty=0.0, cache=False)
+    assert len(set(lines)) == 4
+    assert lines[2] == sudoku._grid_line(*sudoku._puzzle(9, 25, 2, attempt=1))
+
+
+@needs_native
+@pytest.mark.parametrize("difficulty", [0.0, 0.8])
+def test_sudoku_native_and_python_generators_agree(difficulty, monkeypatch):
+    native = sudoku.generate(6, seed=11, difficulty=difficulty, cache=False)
+    monkeypatch.setattr(_native, "available", lambda: False)
+    assert sudoku.generate(6, seed=11, difficulty=difficulty, cache=False) == native
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_sudoku_count_solutions(engine, monkeypatch):
+    if engine == "native" and not _native.available():
+        pytest.skip("native extension not loaded")
+    if engine == "python":
+        monkeypatch.setattr(_native, "available", lambda: False)
+    puzzle, solution = _split(sudoku.generate(1, seed=6, cache=False)[0])
+    # a wrong digit that breaks no rule among the givens: no solution, found only by search
+    dead_end = list(puzzle)
+    for i in (j for j in range(81) if puzzle[j] == 0):
+        wrong = set(range(1, 10)) - {puzzle[j] for j in sudoku._PEERS[i]} - {solution[i]}
+        if wrong:
+            dead_end[i] = min(wrong)
+            break
+    givens_clash = [5, 5] + [0] * 79
+    empty = [0] * 81
+    hard = [int(c) for c in HARD_17]
+    counts = sudoku.count_solutions([puzzle, solution, givens_clash, empty, hard])
+    assert counts.tolist() == [1, 1, 0, 2, 1]
+    assert sudoku.count_solutions([empty], limit=7).tolist() == [7]
+    assert sudoku.count_solutions([dead_end]).tolist() == [0]
+    with pytest.raises(ValueError, match="grids"):
+        sudoku.count_solutions([[10] * 81])
+    with pytest.raises(ValueError, match="limit"):
+        sudoku.count_solutions([empty], limit=0)
+
+
+@needs_native
+def test_sudoku_native_solver_hard_17_clue():
+    hard = [int(c) for c in HARD_17]
+    counts, first = _native.ops().sudoku_count(torch.tensor([hard], dtype=torch.uint8), 2)
+    assert counts.tolist() == [1]
+    assert first[0].tolist() == sudoku.solve(hard, limit=1)[0]
+    assert _is_valid_grid(first[0].tolist())
+
+
+def test_sudoku_valid_grid_native_and_numpy(monkeypatch):
+    _, solution = _split(sudoku.generate(1, seed=2, cache=False)[0])
+    good = np.array(solution) - 1
+    swapped = good.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    grids = np.stack([good, swapped, np.where(np.arange(81) == 5, 11, good),
+                      np.where(np.arange(81) == 7, -1, good)])
+    expected = [True, False, False, False]
+    assert sudoku.valid_grid(grids).tolist() == expected
+    monkeypatch.setattr(_native, "available", lambda: False)
+    assert sudoku.valid_grid(grids).tolist() == expected
 
 
 @pytest.mark.parametrize("difficulty", [0.0, 0.5, 0.8, 1.0])
@@ -79,8 +169,8 @@ def test_sudoku_bad_parameters():
         sudoku.generate(-1, cache=False)
     with pytest.raises(ValueError, match="seed must be an int >= 0"):
         sudoku.generate(2, seed=-3, cache=False)
-    with pytest.raises(ValueError, match="pool_size"):
-        sudoku.generate(2, pool_size=0, cache=False)
+    with pytest.raises(TypeError, match="pool_size"):  # every puzzle is made on its own now
+        sudoku.generate(2, pool_size=100, cache=False)
 
 
 def test_sudoku_deterministic_and_cached(tmp_path, monkeypatch):
@@ -93,7 +183,7 @@ def test_sudoku_deterministic_and_cached(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("regenerated instead of reading the cache")
 
-    monkeypatch.setattr(sudoku, "_base_puzzle", fail)
+    monkeypatch.setattr(sudoku, "_generate_digits", fail)
     assert sudoku.generate(5, seed=7, cache_dir=tmp_path) == a
 
 
@@ -206,6 +296,15 @@ def test_pathfind_star_graphs(params):
         assert len(set(nodes)) == len(nodes) and all(0 <= v < p["n_nodes"] for v in nodes)
         assert path in arms and path[0] == s and path[-1] == g
         assert pathfind.follows_edges(path, edges, s, g)
+
+
+@needs_native
+@pytest.mark.parametrize("params", [{}, {"n_nodes": 30, "degree": 4, "path_len": 5},
+                                    {"n_nodes": 10, "degree": 2, "path_len": 3}])
+def test_pathfind_native_and_python_generators_agree(params, monkeypatch):
+    native = pathfind.generate(50, seed=2**40 + 3, cache=False, **params)
+    monkeypatch.setattr(_native, "available", lambda: False)
+    assert pathfind.generate(50, seed=2**40 + 3, cache=False, **params) == native
 
 
 def test_pathfind_deterministic_and_cached(tmp_path):

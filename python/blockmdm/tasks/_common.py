@@ -3,6 +3,10 @@
 Generated datasets are cached keyed by task, parameters, size and seed, under ``cache_dir``
 when given, else ``$BLOCKMDM_CACHE_DIR``, else ``~/.cache/blockmdm``. Files are written to a
 temporary name and renamed, so a crashed or concurrent writer never leaves half a file behind.
+
+The generators draw from :class:`Stream`, a splitmix64 stream with one :func:`key` per example
+(seed, parameters, index): examples are independent of each other (so they can be made in
+parallel) and the native task engines (csrc/tasks.cpp) reproduce them exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +19,50 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-FORMAT_VERSION = 1
+# 2: every example drawn from its own splitmix64 stream (the native engines' algorithm)
+FORMAT_VERSION = 2
+
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def _fmix(z: int) -> int:
+    z = ((z ^ (z >> 30)) * _MIX1) & _M64
+    z = ((z ^ (z >> 27)) * _MIX2) & _M64
+    return z ^ (z >> 31)
+
+
+def key(*words: int) -> int:
+    """A 64-bit stream key hashed from non-negative ints (taken mod 2^64)."""
+    h = 0
+    for w in words:
+        h = _fmix(((h ^ (w & _M64)) + _GOLDEN) & _M64)
+    return h
+
+
+class Stream:
+    """splitmix64: the state advances by the golden ratio and each output is its mix."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: int):
+        self.state = state & _M64
+
+    def next(self) -> int:
+        self.state = (self.state + _GOLDEN) & _M64
+        return _fmix(self.state)
+
+    def below(self, n: int) -> int:
+        """An int in [0, n) (next() mod n: the bias is below 2^-50 for the n used here)."""
+        return self.next() % n
+
+    def shuffle(self, items: list) -> None:
+        """Fisher-Yates from the back, in place."""
+        for i in range(len(items) - 1, 0, -1):
+            j = self.below(i + 1)
+            items[i], items[j] = items[j], items[i]
 
 
 def check_int(name: str, value, low: int) -> None:

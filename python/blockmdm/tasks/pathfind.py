@@ -2,7 +2,9 @@
 
 A graph has ``degree`` arms leaving a source s, each ``path_len`` nodes long counting s; node
 ids are drawn at random from range(n_nodes) and the directed edges (parent, child) are shuffled.
-A line is ``u,v|u,v|...|u,v/s,g=p1,p2,...,p_len`` with p1 = s and p_len = g.
+Line k of a set is drawn from its own splitmix64 stream keyed by (seed, k) (``tasks._common``);
+the native engine (``blockmdm_kernels._C.star_graphs``) draws the same lines. A line is
+``u,v|u,v|...|u,v/s,g=p1,p2,...,p_len`` with p1 = s and p_len = g.
 
 Tokens: node i -> i, ``|`` -> N, ``=`` -> N+1, ``/`` -> N+2, ``$`` (pad) -> N+3, MASK -> N+4
 (written ``?`` by ``decode``), N = n_nodes; commas are dropped. ``encode`` aligns ``=`` across
@@ -11,12 +13,11 @@ lines of different lengths by left-padding the prompt and right-padding the resp
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import torch
 
-from blockmdm.tasks._common import cached_lines, check_int, read_lines
+from blockmdm.tasks._common import Stream, cached_lines, check_int, key, read_lines
+from blockmdm_kernels import _native
 
 CONTINUOUS = False
 DEFAULTS = {"n_nodes": 100, "degree": 3, "path_len": 10}
@@ -54,14 +55,20 @@ def seq_len(n_nodes=100, degree=3, path_len=10) -> int:
     return prompt_len(n_nodes, degree, path_len) + path_len
 
 
-def _graph_line(rng: random.Random, n_nodes, degree, path_len) -> str:
-    nodes = rng.sample(range(n_nodes), 1 + degree * (path_len - 1))
-    source, arms = nodes[0], []
+def _graph_line(seed: int, index: int, n_nodes: int, degree: int, path_len: int) -> str:
+    """Line ``index`` of the set ``seed`` (csrc/tasks.cpp star_graphs draws the same)."""
+    rng = Stream(key(seed, index))
+    m = 1 + degree * (path_len - 1)
+    pool = list(range(n_nodes))
+    for i in range(m):  # partial Fisher-Yates: m distinct nodes
+        j = i + rng.below(n_nodes - i)
+        pool[i], pool[j] = pool[j], pool[i]
+    source, arms = pool[0], []
     for a in range(degree):
-        arms.append([source] + nodes[1 + a * (path_len - 1): 1 + (a + 1) * (path_len - 1)])
+        arms.append([source] + pool[1 + a * (path_len - 1): 1 + (a + 1) * (path_len - 1)])
     edges = [(arm[i], arm[i + 1]) for arm in arms for i in range(path_len - 1)]
     rng.shuffle(edges)
-    path = arms[rng.randrange(degree)]
+    path = arms[rng.below(degree)]
     return (
         "|".join(f"{u},{v}" for u, v in edges)
         + f"/{source},{path[-1]}="
@@ -71,14 +78,16 @@ def _graph_line(rng: random.Random, n_nodes, degree, path_len) -> str:
 
 def generate(n: int, seed: int = 0, n_nodes: int = 100, degree: int = 3, path_len: int = 10,
              cache_dir=None, cache: bool = True) -> list:
-    """``n`` star-graph lines, deterministic in (n, seed, params); cached (``tasks._common``)."""
+    """``n`` star-graph lines, deterministic in (n, seed, params) and the same with or without
+    the native engine; cached (``tasks._common``)."""
     check_int("n", n, 0)
     check_int("seed", seed, 0)
     _check(n_nodes, degree, path_len)
 
     def make():
-        rng = random.Random(f"blockmdm-pathfind-{seed}")
-        return [_graph_line(rng, n_nodes, degree, path_len) for _ in range(n)]
+        if _native.available():
+            return _native.ops().star_graphs(seed % 2**64, 0, n, n_nodes, degree, path_len)
+        return [_graph_line(seed, k, n_nodes, degree, path_len) for k in range(n)]
 
     params = {"n_nodes": n_nodes, "degree": degree, "path_len": path_len}
     return cached_lines("pathfind", params, n, seed, make, cache_dir, cache)

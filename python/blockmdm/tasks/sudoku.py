@@ -4,29 +4,27 @@ A line is 163 characters: the puzzle row by row (digits ``1``-``9``, ``$`` for a
 and the solution (81 digits). Tokens: digit d -> d - 1, ``$`` -> 9, ``=`` -> 10, MASK -> 11
 (written ``?`` by ``decode``). The response starts after ``=`` (``PROMPT_LEN`` = 82).
 
-Generation. A puzzle with ``holes = int(25 + 33 * difficulty)`` blanks is made by filling a
-random grid with a bitmask backtracking solver and blanking cells in random order, keeping a
-blank only when the puzzle still has exactly one solution (the solver counts solutions up to 2);
-a run that cannot reach ``holes`` starts over. In pure Python that costs about 5 ms per puzzle
-up to ~55 holes and 0.2 s at 58 holes (difficulty 1.0), too slow for 100k puzzles, so
-``generate`` builds a pool of ``min(n, pool_size)`` base puzzles this way and expands it by
-random Sudoku symmetries: digit relabelling, row permutations within bands, band permutations,
-the same for columns and stacks, and transposition. These keep validity and uniqueness, and
-there are 9! * 6^8 * 2 ~ 1.2e12 of them per base puzzle, so 100k puzzles drawn from 1000 bases
-repeat with negligible probability. Base k is seeded by (seed, holes, k): distinct seeds give
-disjoint pools (train and eval sets share no base puzzle). The pool is cached on disk; building
-the default 1000 bases takes ~5 s at the default difficulty and ~3 min at difficulty 1.0
-(lower ``pool_size`` to start faster).
+Generation. Every puzzle is made on its own: puzzle k of a set is drawn from a splitmix64
+stream keyed by (seed, holes, k) (``tasks._common.Stream``). A random complete grid is filled by
+the bitmask backtracking solver with shuffled digit order, then cells are blanked in random order,
+keeping a blank only when the puzzle still has exactly one solution (no solution puts another
+digit in the cell just blanked); a run that cannot reach ``holes = int(25 + 33 * difficulty)``
+blanks starts over on the same stream. A set holds no puzzle twice (a repeat is redrawn from the
+stream (seed, holes, k, attempt)), and sets of different seeds come from disjoint streams, so the
+training set (seed s) and the evaluation set (seed s + 1) share no puzzle but by a chance of
+order n^2 / 10^21. The native engine (``blockmdm_kernels._C.sudoku_generate``, OpenMP over
+puzzles) runs the same algorithm on the same streams and gives the same lines; without it the
+pure-Python generator makes them one at a time on one core, orders of magnitude slower. Sets are
+cached on disk keyed by (holes, n, seed).
 """
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import torch
 
-from blockmdm.tasks._common import cached_lines, check_int, read_lines
+from blockmdm.tasks._common import Stream, cached_lines, check_int, key, read_lines
+from blockmdm_kernels import _native
 
 CONTINUOUS = False
 DEFAULTS = {"difficulty": 0.8}
@@ -36,7 +34,6 @@ SEP_ID = 10
 MASK_ID = 11
 SEQ_LEN = 163
 PROMPT_LEN = 82
-POOL_SIZE = 1000
 
 _CHARS = "123456789$=?"
 _LUT = np.full(256, -1, dtype=np.int64)
@@ -44,6 +41,8 @@ for _i, _c in enumerate(_CHARS):
     _LUT[ord(_c)] = _i
 _BOX = [(i // 27) * 3 + (i % 9) // 3 for i in range(81)]
 _ALL = 0x3FE
+_PEERS = [[j for j in range(81) if j != i and (j // 9 == i // 9 or j % 9 == i % 9
+                                               or _BOX[j] == _BOX[i])] for i in range(81)]
 
 
 def vocab_size(**params) -> int:
@@ -77,8 +76,10 @@ def holes_for(difficulty: float) -> int:
 def solve(grid, limit: int = 2, forbid=None, rng=None) -> list:
     """Up to ``limit`` solutions of ``grid`` (81 ints, 0 = blank) as lists of 81 ints.
 
-    ``forbid=(cell, digit)`` excludes that digit from that cell; ``rng`` randomises the digit
-    order (to fill random grids). Picks the blank with the fewest candidates at each step.
+    ``forbid=(cell, digit)`` excludes that digit from that cell; ``rng`` (a ``Stream``) shuffles
+    the digit order (to fill random grids). Picks the blank with the fewest candidates at each
+    step, the first such in cell order, at once when it has at most one (csrc/tasks.cpp searches
+    in the same order, so a filled grid is the same in both).
     """
     grid = list(grid)
     rows, cols, boxes = [0] * 9, [0] * 9, [0] * 9
@@ -135,8 +136,10 @@ def solve(grid, limit: int = 2, forbid=None, rng=None) -> list:
     return found
 
 
-def _base_puzzle(holes: int, rng: random.Random):
-    """(puzzle, solution) as lists of 81 ints with exactly ``holes`` blanks and one solution."""
+def _puzzle(seed: int, holes: int, index: int, attempt: int = 0):
+    """(puzzle, solution) as lists of 81 ints with exactly ``holes`` blanks and one solution,
+    from the stream (seed, holes, index, attempt)."""
+    rng = Stream(key(seed, holes, index, attempt))
     while True:
         solution = solve([0] * 81, limit=1, rng=rng)[0]
         puzzle = list(solution)
@@ -145,10 +148,13 @@ def _base_puzzle(holes: int, rng: random.Random):
         blanks = 0
         for i in order:
             if blanks == holes:
-                return puzzle, solution
+                break
             puzzle[i] = 0
-            # Unique iff no solution puts another digit in the cell just blanked.
-            if solve(puzzle, limit=1, forbid=(i, solution[i])):
+            # Unique iff no solution puts another digit in the cell just blanked; nothing to
+            # search when the other cells already rule every other digit out.
+            seen = {puzzle[j] for j in _PEERS[i]}
+            if len(seen - {0, solution[i]}) < 8 and solve(puzzle, limit=1,
+                                                           forbid=(i, solution[i])):
                 puzzle[i] = solution[i]
             else:
                 blanks += 1
@@ -156,66 +162,60 @@ def _base_puzzle(holes: int, rng: random.Random):
             return puzzle, solution
 
 
+def _generate_digits(seed: int, holes: int, first: int, n: int, attempt: int) -> np.ndarray:
+    """Puzzles first .. first + n - 1 as uint8 [n, 2, 81] (puzzle, solution; 0 = blank)."""
+    if _native.available():
+        return _native.ops().sudoku_generate(seed % 2**64, holes, first, n, attempt).numpy()
+    out = np.zeros((n, 2, 81), np.uint8)
+    for k in range(n):
+        out[k] = _puzzle(seed, holes, first + k, attempt)
+    return out
+
+
 def _grid_line(puzzle, solution) -> str:
     return "".join(str(v) if v else "$" for v in puzzle) + "=" + "".join(map(str, solution))
 
 
-def base_pool(holes: int, size: int, seed: int, cache_dir=None, cache=True) -> list:
-    """``size`` solver-made puzzles as lines; base k depends only on (seed, holes, k)."""
-
-    def make():
-        out = []
-        for k in range(size):
-            rng = random.Random(f"blockmdm-sudoku-{seed}-{holes}-{k}")
-            out.append(_grid_line(*_base_puzzle(holes, rng)))
-        return out
-
-    params = {"holes": holes}
-    return cached_lines("sudoku-pool", params, size, seed, make, cache_dir, cache)
-
-
-def _random_perms(rng: np.random.Generator, n: int) -> np.ndarray:
-    """[n, 9] permutations of rows (or columns) that keep bands: bands and rows within them."""
-    bands = np.argsort(rng.random((n, 3)), axis=1)
-    within = np.argsort(rng.random((n, 3, 3)), axis=2)
-    return (bands[:, :, None] * 3 + within).reshape(n, 9)
-
-
-def _transform(grids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Applies one random symmetry per row to ``grids`` [n, 2, 81] (puzzle, solution; 0 = blank)."""
-    n = grids.shape[0]
-    rows, cols = _random_perms(rng, n), _random_perms(rng, n)
-    digits = np.concatenate(
-        [np.zeros((n, 1), np.int64), np.argsort(rng.random((n, 9)), axis=1) + 1], axis=1
-    )
-    flip = rng.random(n) < 0.5
-    g = grids.reshape(n, 2, 9, 9)
-    g = g[np.arange(n)[:, None, None, None], np.arange(2)[None, :, None, None],
-          rows[:, None, :, None], cols[:, None, None, :]]
-    g = np.where(flip[:, None, None, None], g.transpose(0, 1, 3, 2), g)
-    return np.take_along_axis(digits[:, None, :], g.reshape(n, 2, 81), axis=2)
-
-
-def generate(n: int, seed: int = 0, difficulty: float = 0.8, pool_size: int = POOL_SIZE,
-             cache_dir=None, cache: bool = True) -> list:
-    """``n`` puzzle lines with ``int(25 + 33 * difficulty)`` blanks each, deterministic in
-    (n, seed, difficulty, pool_size). Cached under ``cache_dir`` (see ``tasks._common``)."""
+def generate(n: int, seed: int = 0, difficulty: float = 0.8, cache_dir=None,
+             cache: bool = True) -> list:
+    """``n`` distinct puzzle lines with ``int(25 + 33 * difficulty)`` blanks and one solution
+    each, deterministic in (n, seed, difficulty) and the same with or without the native engine.
+    Cached under ``cache_dir`` (see ``tasks._common``)."""
     check_int("n", n, 0)
     check_int("seed", seed, 0)
-    check_int("pool_size", pool_size, 1)
     holes = holes_for(difficulty)
 
     def make():
-        pool = base_pool(holes, min(n, pool_size), seed, cache_dir, cache)
-        base = _lines_to_digits(pool)
-        rng = np.random.default_rng([seed, holes, n])
-        index = rng.permutation(np.arange(n) % len(pool))
-        return _digits_to_lines(_transform(base[index], rng))
+        lines = _digits_to_lines(_generate_digits(seed, holes, 0, n, 0))
+        seen = set()
+        for k, line in enumerate(lines):
+            attempt = 0
+            while line in seen:
+                attempt += 1
+                line = _digits_to_lines(_generate_digits(seed, holes, k, 1, attempt))[0]
+            seen.add(line)
+            lines[k] = line
+        return lines
 
     if n == 0:
         return []
-    params = {"holes": holes, "pool_size": pool_size}
-    return cached_lines("sudoku", params, n, seed, make, cache_dir, cache)
+    return cached_lines("sudoku", {"holes": holes}, n, seed, make, cache_dir, cache)
+
+
+def count_solutions(grids, limit: int = 2) -> np.ndarray:
+    """int64 [n]: the number of solutions of each grid, capped at ``limit``.
+
+    Args:
+        grids: int [n, 81] or a list of 81-int lists, 0 = blank, 1-9 = given
+    """
+    check_int("limit", limit, 1)
+    g = np.asarray(grids, dtype=np.int64).reshape(-1, 81) if len(grids) else np.zeros((0, 81))
+    if g.size and (g.min() < 0 or g.max() > 9):
+        raise ValueError("grids must hold 0 (blank) or digits 1-9")
+    if _native.available():
+        counts, _ = _native.ops().sudoku_count(torch.from_numpy(g.astype(np.uint8)), limit)
+        return counts.numpy()
+    return np.array([len(solve(row, limit=limit)) for row in g.tolist()], dtype=np.int64)
 
 
 def _lines_to_digits(lines) -> np.ndarray:
@@ -280,6 +280,10 @@ def _as_tokens(x, name) -> np.ndarray:
 
 def valid_grid(grid: np.ndarray) -> np.ndarray:
     """bool [n]: ``grid`` [n, 81] of tokens 0-8 is a complete valid Sudoku."""
+    if _native.available():
+        digits = np.asarray(grid, dtype=np.int64).reshape(-1, 81) + 1
+        digits[(digits < 1) | (digits > 9)] = 0
+        return _native.ops().sudoku_valid(torch.from_numpy(digits.astype(np.uint8))).numpy()
     g = grid.reshape(-1, 9, 9)
     onehot = g[..., None] == np.arange(9)
     boxes = onehot.reshape(-1, 3, 3, 3, 3, 9).sum(axis=(2, 4))
