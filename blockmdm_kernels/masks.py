@@ -138,6 +138,7 @@ class MaskSpec:
                     f"{self.masked_blocks.shape[0]}"
                 )
         object.__setattr__(self, "_tile_cache", {})
+        object.__setattr__(self, "_derived_cache", {})
         object.__setattr__(self, "_tile_versions", None)
 
     def replace(self, **changes) -> MaskSpec:
@@ -260,11 +261,8 @@ class MaskSpec:
         device = torch.device(device or "cpu")
         # Tensor version counters make an in-place edit of masked_blocks / kv_lens a cache miss;
         # maps of older versions can never be hit again, so they are dropped.
-        versions = tuple(t._version for t in (self.masked_blocks, self.kv_lens) if t is not None)
+        self._drop_stale()
         cache = self._tile_cache
-        if self._tile_versions != versions:
-            cache.clear()
-            object.__setattr__(self, "_tile_versions", versions)
         key = (Tq, Tk, block_m, block_n, str(device))
         tiles = cache.get(key)
         if tiles is not None:
@@ -281,6 +279,27 @@ class MaskSpec:
             del cache[next(iter(cache))]
         cache[key] = tiles
         return tiles
+
+    def derived(self, key, build):
+        """A value derived from this spec by ``build()`` (e.g. a backend's per-tile element
+        masks), built once per ``key`` and dropped with the tile maps when the spec's tensors
+        are edited in place."""
+        self._drop_stale()
+        cache = self._derived_cache
+        if key not in cache:
+            if len(cache) >= _TILE_CACHE_SIZE:
+                del cache[next(iter(cache))]
+            cache[key] = build()
+        return cache[key]
+
+    def _drop_stale(self) -> None:
+        # Tensor version counters make an in-place edit of masked_blocks / kv_lens a cache miss;
+        # values of older versions can never be hit again, so they are dropped.
+        versions = tuple(t._version for t in (self.masked_blocks, self.kv_lens) if t is not None)
+        if self._tile_versions != versions:
+            self._tile_cache.clear()
+            self._derived_cache.clear()
+            object.__setattr__(self, "_tile_versions", versions)
 
     def _tile_state(self, Tq: int, Tk: int, block_m: int, block_n: int, device) -> torch.Tensor:
         """int8 [Bm, nQ, nK] tile states from position intervals, never from the dense mask.

@@ -130,12 +130,12 @@ def _last_dim_contiguous(x):
 def _native_tiles(spec: MaskSpec, Tq: int, Tk: int):
     """(tile map, tile_mask_index int32 [Bm, nQ, nK], tile_masks bool [P, BM, BN]) for the
     native kernels: each partial tile's element mask, -1 in the index for the other tiles."""
+    return spec.derived(("native", Tq, Tk, NATIVE_Q_TILE, NATIVE_K_TILE),
+                        lambda: _build_native_tiles(spec, Tq, Tk))
+
+
+def _build_native_tiles(spec: MaskSpec, Tq: int, Tk: int):
     bm_, bn_ = NATIVE_Q_TILE, NATIVE_K_TILE
-    versions = tuple(t._version for t in (spec.masked_blocks, spec.kv_lens) if t is not None)
-    key = ("native", Tq, Tk, bm_, bn_, versions)
-    hit = spec._tile_cache.get(key)
-    if hit is not None:
-        return hit
     tm = spec.tile_map(Tq, Tk, bm_, bn_, "cpu")
     partial = tm.state == PARTIAL
     n_partial = int(partial.sum())
@@ -150,8 +150,7 @@ def _native_tiles(spec: MaskSpec, Tq: int, Tk: int):
         qpos = (m_i[sl].view(-1, 1, 1) * bm_ + rows).clamp(max=Tq - 1) + spec.q_offset
         kpos = (n_i[sl].view(-1, 1, 1) * bn_ + cols).clamp(max=Tk - 1)
         tile_masks[sl] = spec.visible(b_i[sl].view(-1, 1, 1), qpos, kpos, Tk)
-    spec._tile_cache[key] = hit = (tm, index, tile_masks)
-    return hit
+    return tm, index, tile_masks
 
 
 def forward(q, k, v, spec: MaskSpec, scale: float):

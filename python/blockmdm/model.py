@@ -334,12 +334,13 @@ class Transformer(nn.Module):
     def save_pretrained(self, directory) -> None:
         """Writes config.json and model.safetensors (the state dict; no pickled code)."""
         os.makedirs(directory, exist_ok=True)
-        _atomic_write_text(os.path.join(directory, "config.json"),
-                           json.dumps(dataclasses.asdict(self.config), indent=2))
         # safetensors refuses tensors that share storage and needs them contiguous; the state
         # dict of this model has no shared tensors.
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         _atomic_save_safetensors(state, os.path.join(directory, WEIGHTS_NAME))
+        # Written last: config.json marks a complete save (run folders are read by that).
+        _atomic_write_text(os.path.join(directory, "config.json"),
+                           json.dumps(dataclasses.asdict(self.config), indent=2))
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu") -> Transformer:

@@ -126,7 +126,7 @@ def _read_jsonl(path: str) -> list:
 def run_state(cfg: TrainConfig) -> str:
     """"finished", "partial" (has a checkpoint) or "new"."""
     out = cfg.out
-    if os.path.exists(os.path.join(out, "model", "model.pt")):
+    if os.path.exists(os.path.join(out, "model", "config.json")):
         evals = [r for r in _read_jsonl(os.path.join(out, "metrics.jsonl"))
                  if r.get("split") == "eval" and r.get("step") == cfg.steps]
         if evals or not cfg.n_eval:
