@@ -143,13 +143,16 @@ def _build_native_tiles(spec: MaskSpec, Tq: int, Tk: int):
     index[partial] = torch.arange(n_partial, dtype=torch.int32)  # row-major, as nonzero() below
     tile_masks = torch.zeros(n_partial, bm_, bn_, dtype=torch.bool)
     b_i, m_i, n_i = partial.nonzero(as_tuple=True)
-    rows, cols = torch.arange(bm_).view(1, -1, 1), torch.arange(bn_).view(1, 1, -1)
+    # A sequence shorter than a tile fills only its own corner (the study's T ~ 163 in one
+    # 256 x 256 tile): elements past the end are never read.
+    rq, ck = min(bm_, Tq), min(bn_, Tk)
+    rows, cols = torch.arange(rq).view(1, -1, 1), torch.arange(ck).view(1, 1, -1)
     for p0 in range(0, n_partial, _MASK_TILES_PER_CHUNK):
         sl = slice(p0, p0 + _MASK_TILES_PER_CHUNK)
         # Positions past the end repeat the last one: those elements are never read.
         qpos = (m_i[sl].view(-1, 1, 1) * bm_ + rows).clamp(max=Tq - 1) + spec.q_offset
         kpos = (n_i[sl].view(-1, 1, 1) * bn_ + cols).clamp(max=Tk - 1)
-        tile_masks[sl] = spec.visible(b_i[sl].view(-1, 1, 1), qpos, kpos, Tk)
+        tile_masks[sl, :rq, :ck] = spec.visible(b_i[sl].view(-1, 1, 1), qpos, kpos, Tk)
     return tm, index, tile_masks
 
 
