@@ -14,7 +14,7 @@ every recomputed probability of it is 0 and so are its dQ and its share of dK/dV
 
 fp32 / fp16 / bf16 inputs take the native flash kernels of ``blockmdm_kernels._C`` when the
 extension is built (``BLOCKMDM_NO_NATIVE`` set to anything but 0, read per call, forces the torch
-path above). They walk the tile map of ``NATIVE_Q_TILE`` x ``NATIVE_K_TILE`` tiles themselves;
+path above). They walk the tile map of ``native_tile_sizes(spec)`` tiles themselves;
 each partial tile gets a bool element mask evaluated from the spec's predicate here, once per
 spec and shape (cached with the spec's tile maps), so full tiles are never masked and no dense
 Tq x Tk mask is built.
@@ -35,6 +35,10 @@ BLOCK_ROWS = 256  # query rows per plan block, a multiple of Q_TILE
 
 NATIVE_Q_TILE = 256  # larger tiles: fewer, more efficient gemm calls (measured at 2 cores)
 NATIVE_K_TILE = 256
+# Jigsaw hides whole key blocks per batch row: narrower tiles keep a masked block an EMPTY tile
+# instead of a PARTIAL one that needs an element mask, which made jigsaw(64) at T=2048 about 2x
+# faster and its per-step mask cost (a fresh masked_blocks every step) negligible (measured).
+JIGSAW_TILE = (128, 64)
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_TILES_PER_CHUNK = 256  # partial tiles whose element masks are evaluated at once
 
@@ -130,12 +134,19 @@ def _last_dim_contiguous(x):
 def _native_tiles(spec: MaskSpec, Tq: int, Tk: int):
     """(tile map, tile_mask_index int32 [Bm, nQ, nK], tile_masks bool [P, BM, BN]) for the
     native kernels: each partial tile's element mask, -1 in the index for the other tiles."""
-    return spec.derived(("native", Tq, Tk, NATIVE_Q_TILE, NATIVE_K_TILE),
-                        lambda: _build_native_tiles(spec, Tq, Tk))
+    bm_, bn_ = native_tile_sizes(spec)
+    return spec.derived(("native", Tq, Tk, bm_, bn_),
+                        lambda: _build_native_tiles(spec, Tq, Tk, bm_, bn_))
 
 
-def _build_native_tiles(spec: MaskSpec, Tq: int, Tk: int):
-    bm_, bn_ = NATIVE_Q_TILE, NATIVE_K_TILE
+def native_tile_sizes(spec: MaskSpec):
+    """(query tile, key tile) of the native kernels for this mask."""
+    if spec.kind == "jigsaw":
+        return min(NATIVE_Q_TILE, JIGSAW_TILE[0]), min(NATIVE_K_TILE, JIGSAW_TILE[1])
+    return NATIVE_Q_TILE, NATIVE_K_TILE
+
+
+def _build_native_tiles(spec: MaskSpec, Tq: int, Tk: int, bm_: int, bn_: int):
     tm = spec.tile_map(Tq, Tk, bm_, bn_, "cpu")
     partial = tm.state == PARTIAL
     n_partial = int(partial.sum())
@@ -168,7 +179,7 @@ def forward(q, k, v, spec: MaskSpec, scale: float):
         o = torch.empty(q.shape, dtype=q.dtype)
         lse = torch.empty(B, H, Tq, dtype=torch.float32)
         _native.ops().attention_fwd(q, k, v, tm.kv_count, tm.kv_index, index, tile_masks,
-                                    NATIVE_Q_TILE, NATIVE_K_TILE, scale, o, lse)
+                                    *native_tile_sizes(spec), scale, o, lse)
         return o, lse
     B, Tq, H, D = q.shape
     Tk, G = k.shape[1], H // k.shape[2]
@@ -217,7 +228,7 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
         tm, index, tile_masks = _native_tiles(spec, q.shape[1], k.shape[1])
         dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
         _native.ops().attention_bwd(do, q, k, v, o, lse.contiguous(), tm.q_count, tm.q_index,
-                                    index, tile_masks, NATIVE_Q_TILE, NATIVE_K_TILE, scale, dq,
+                                    index, tile_masks, *native_tile_sizes(spec), scale, dq,
                                     dk, dv)
         return dq, dk, dv
     B, Tq, H, D = q.shape

@@ -177,7 +177,7 @@ def test_native_kernels_write_every_output(native):
     q = torch.randn(B, T, H, D)
     k, v = torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
     tm, index, tile_masks = cpu._native_tiles(spec, T, T)
-    bm, bn = cpu.NATIVE_Q_TILE, cpu.NATIVE_K_TILE
+    bm, bn = cpu.native_tile_sizes(spec)
     o, lse = torch.full_like(q, float("nan")), torch.full((B, H, T), float("nan"))
     native.attention_fwd(q, k, v, tm.kv_count, tm.kv_index, index, tile_masks, bm, bn, 0.25, o,
                          lse)
