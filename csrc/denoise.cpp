@@ -96,9 +96,35 @@ struct Online {
   float s = 0.f, w = 0.f;
 };
 
+// sum of exp(x - m) over [lo, hi); with `ent` also the sum of exp(x - m) * (x - m) into w
+float scan_exp(const float* x, int64_t lo, int64_t hi, float m, bool ent, float& w) {
+  const Vec vm(m), low(std::numeric_limits<float>::lowest());
+  Vec vs(0.f), vw(0.f);
+  int64_t j = lo;
+  if (ent) {
+    for (; j + kW <= hi; j += kW) {
+      // clamped so that exp(-inf) * (x - m) is 0 * finite, not NaN
+      const Vec d = at::vec::maximum(Vec::loadu(x + j) - vm, low);
+      const Vec e = d.exp_u20();
+      vs = vs + e;
+      vw = at::vec::fmadd(e, d, vw);
+    }
+  } else {
+    for (; j + kW <= hi; j += kW) vs = vs + (Vec::loadu(x + j) - vm).exp_u20();
+  }
+  float s = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vs);
+  if (ent) w += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vw);
+  for (; j < hi; ++j) {
+    const float d = std::max(x[j] - m, std::numeric_limits<float>::lowest());
+    const float e = std::exp(d);
+    s += e;
+    if (ent) w += e * d;
+  }
+  return s;
+}
+
 void scan_online(const float* x, int64_t lo, int64_t hi, bool ent, Online& o) {
   constexpr int64_t kBlock = 1024;
-  const Vec low(std::numeric_limits<float>::lowest());
   for (int64_t b = lo; b < hi; b += kBlock) {
     const int64_t e = std::min(b + kBlock, hi);
     int64_t j = b;
@@ -119,30 +145,7 @@ void scan_online(const float* x, int64_t lo, int64_t hi, bool ent, Online& o) {
       o.best_end = e;
     }
     if (m == kNegInf) continue;  // nothing but -inf so far: no mass
-    const Vec vmax(m);
-    Vec vs(0.f), vw(0.f);
-    j = b;
-    if (ent) {
-      for (; j + kW <= e; j += kW) {
-        // clamped so that exp(-inf) * (x - m) is 0 * finite, not NaN
-        const Vec d = at::vec::maximum(Vec::loadu(x + j) - vmax, low);
-        const Vec ex = d.exp_u20();
-        vs = vs + ex;
-        vw = at::vec::fmadd(ex, d, vw);
-      }
-    } else {
-      for (; j + kW <= e; j += kW) vs = vs + (Vec::loadu(x + j) - vmax).exp_u20();
-    }
-    float bs = at::vec::vec_reduce_all<float>([](Vec a, Vec c) { return a + c; }, vs);
-    float bw = ent ? at::vec::vec_reduce_all<float>([](Vec a, Vec c) { return a + c; }, vw) : 0.f;
-    for (; j < e; ++j) {
-      const float d = std::max(x[j] - m, std::numeric_limits<float>::lowest());
-      const float ex = std::exp(d);
-      bs += ex;
-      bw += ex * d;
-    }
-    o.s += bs;
-    if (ent) o.w += bw;
+    o.s += scan_exp(x, b, e, m, ent, o.w);
   }
 }
 
@@ -181,32 +184,6 @@ void scan_top(const float* x, int64_t lo, int64_t hi, Top& top) {
   for (; j < hi; ++j) top.push(x[j], j);
 }
 
-// sum of exp(x - m) over [lo, hi); with `ent` also the sum of exp(x - m) * (x - m) into w
-float scan_exp(const float* x, int64_t lo, int64_t hi, float m, bool ent, float& w) {
-  const Vec vm(m), low(std::numeric_limits<float>::lowest());
-  Vec vs(0.f), vw(0.f);
-  int64_t j = lo;
-  if (ent) {
-    for (; j + kW <= hi; j += kW) {
-      // clamped so that exp(-inf) * (x - m) is 0 * finite, not NaN
-      const Vec d = at::vec::maximum(Vec::loadu(x + j) - vm, low);
-      const Vec e = d.exp_u20();
-      vs = vs + e;
-      vw = at::vec::fmadd(e, d, vw);
-    }
-  } else {
-    for (; j + kW <= hi; j += kW) vs = vs + (Vec::loadu(x + j) - vm).exp_u20();
-  }
-  float s = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vs);
-  if (ent) w += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vw);
-  for (; j < hi; ++j) {
-    const float d = std::max(x[j] - m, std::numeric_limits<float>::lowest());
-    const float e = std::exp(d);
-    s += e;
-    if (ent) w += e * d;
-  }
-  return s;
-}
 
 // argmax over v of float64(x[v]) / temperature + gumbel(seed, base + v), v in [lo, hi)
 void scan_gumbel(const float* x, int64_t lo, int64_t hi, double temperature, uint64_t seed,
