@@ -7,6 +7,7 @@
 // rows (causal) balance across threads.
 
 #include "blockmdm.h"
+#include "rows.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -56,20 +57,6 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
                                       {ldb, 1}, opts);
   at::Tensor ct = at::from_blob(c, {n, m}, {ldc, 1}, opts);
   at::addmm_out(ct, ct, tb ? bt.t() : bt, ta ? at_.t() : at_, beta, alpha);
-}
-
-float row_max(const float* x, int64_t n) {
-  int64_t j = 0;
-  float m = kNegInf;
-  if (n >= Vec::size()) {
-    Vec mv(kNegInf);
-    for (; j + Vec::size() <= n; j += Vec::size()) mv = at::vec::maximum(mv, Vec::loadu(x + j));
-    float lanes[Vec::size()];
-    mv.store(lanes);
-    for (int i = 0; i < Vec::size(); ++i) m = std::max(m, lanes[i]);
-  }
-  for (; j < n; ++j) m = std::max(m, x[j]);
-  return m;
 }
 
 // x[j] = exp(x[j] - sub) in place; returns the sum.
@@ -227,7 +214,7 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
       for (int64_t i = 0; i < rm; ++i) {
         float* si = s + i * BN;
         if (mask) apply_mask(si, mask + i * BN, c, kNegInf);
-        const float m_new = std::max(mx[i], row_max(si, c));
+        const float m_new = std::max(mx[i], row_max(si, 0, c));
         if (m_new == kNegInf) {  // nothing visible to this row yet
           std::fill(si, si + c, 0.f);
           continue;

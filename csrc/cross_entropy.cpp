@@ -3,6 +3,7 @@
 // (1 - p_y)^gamma * ce + z_loss * lse^2 and its gradient written straight into the output row.
 // Rows run in parallel; a row is read from memory once and then from cache.
 #include "blockmdm.h"
+#include "rows.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,16 +21,6 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int kW = Vec::size();
-
-float row_max(const float* x, int64_t V) {
-  Vec vm(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + kW <= V; j += kW) vm = at::vec::maximum(vm, Vec::loadu(x + j));
-  float m = at::vec::vec_reduce_all<float>(
-      [](Vec a, Vec b) { return at::vec::maximum(a, b); }, vm);
-  for (; j < V; ++j) m = std::max(m, x[j]);
-  return m;
-}
 
 float row_sum_exp(const float* x, int64_t V, float m) {
   const Vec vm(m);
@@ -78,14 +69,8 @@ void run(const at::Tensor& logits, const int64_t* rows, const int64_t* y, const 
       }
       const int64_t r = rows[i];
       const scalar_t* src = base + r * s0;
-      const float* x;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        x = src;
-      } else {
-        at::vec::convert(src, buf.data(), V);
-        x = buf.data();
-      }
-      const float m = row_max(x, V);
+      const float* x = float_row(src, buf, V);
+      const float m = row_max(x, 0, V);
       const float total = row_sum_exp(x, V, m);
       const float lse = m + std::log(total);
       const float ce = lse - x[y[i]];

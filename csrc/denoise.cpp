@@ -3,6 +3,7 @@
 // exponentials and the entropy term; the Gumbel-max sample from the reference's splitmix64
 // counters; then the per-row selection. Inactive rows are never read. Rows run in parallel.
 #include "blockmdm.h"
+#include "rows.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -65,12 +66,7 @@ void scan_max(const float* x, int64_t lo, int64_t hi, Top& top) {
   int64_t best = -1;
   for (int64_t b = lo; b < hi; b += kBlock) {
     const int64_t e = std::min(b + kBlock, hi);
-    int64_t j = b;
-    Vec vm(kNegInf);
-    for (; j + kW <= e; j += kW) vm = at::vec::maximum(vm, Vec::loadu(x + j));
-    float bm = at::vec::vec_reduce_all<float>(
-        [](Vec a, Vec c) { return at::vec::maximum(a, c); }, vm);
-    for (; j < e; ++j) bm = std::max(bm, x[j]);
+    const float bm = row_max(x, b, e);
     if (bm > m) {
       m = bm;
       best = b;
@@ -127,12 +123,7 @@ void scan_online(const float* x, int64_t lo, int64_t hi, bool ent, Online& o) {
   constexpr int64_t kBlock = 1024;
   for (int64_t b = lo; b < hi; b += kBlock) {
     const int64_t e = std::min(b + kBlock, hi);
-    int64_t j = b;
-    Vec vm(kNegInf);
-    for (; j + kW <= e; j += kW) vm = at::vec::maximum(vm, Vec::loadu(x + j));
-    float bm = at::vec::vec_reduce_all<float>(
-        [](Vec a, Vec c) { return at::vec::maximum(a, c); }, vm);
-    for (; j < e; ++j) bm = std::max(bm, x[j]);
+    const float bm = row_max(x, b, e);
     float& m = o.top.m;
     if (bm > m) {
       if (m != kNegInf) {
@@ -235,13 +226,7 @@ void token_and_confidence(const at::Tensor& logits, const std::vector<int64_t>& 
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t flat = rows[r];
       const scalar_t* src = base + (flat / T) * s0 + (flat % T) * s1;
-      const float* x;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        x = src;
-      } else {
-        at::vec::convert(src, buf.data(), V);
-        x = buf.data();
-      }
+      const float* x = float_row(src, buf, V);
       // the mask token is never chosen and takes no probability: the row is two segments
       const bool ent = p.confidence == kEntropy;
       Top top;
