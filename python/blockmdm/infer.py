@@ -55,6 +55,7 @@ class DecodeRunResult:
         metrics: the task's ``evaluate`` over the rows that had an answer, or None.
         n_references: how many rows had an answer.
         decoder: the keyword arguments given to :func:`blockmdm.decode.decode`.
+        length: response tokens per sample.
         seconds: decoding time (model calls and commits; no loading or parsing).
         calls_per_sample: mean model calls a sample went through (each call covers a batch).
         tokens_per_s: response tokens decoded per second.
@@ -65,21 +66,19 @@ class DecodeRunResult:
     metrics: dict | None
     n_references: int
     decoder: dict
+    length: int
     seconds: float
     calls_per_sample: float
     tokens_per_s: float
 
     def summary(self) -> dict:
+        """The run's figures as one JSON-able dict (what ``blockmdm decode`` prints last)."""
         n, length = self.tokens.shape[0], self.length
         return {"n": n, "response_tokens": length, **self.decoder,
                 "tokens_per_s": self.tokens_per_s, "calls_per_sample": self.calls_per_sample,
                 "tokens_per_call": length / max(self.calls_per_sample, 1e-12),
                 "seconds": self.seconds, "n_references": self.n_references,
                 "metrics": self.metrics}
-
-    @property
-    def length(self) -> int:
-        return int(self.decoder.get("length", 0))
 
 
 def decoder_kwargs(cfg, length: int, *, strategy: str | None = None, steps: int | None = None,
@@ -310,5 +309,5 @@ def decode_run(run_dir: str, *, strategy: str | None = None, steps: int | None =
                             params=cfg.task_params)
         metrics = {k: v for k, v in metrics.items() if k != "n"}
     n = tokens.shape[0]
-    return DecodeRunResult(lines, tokens, metrics, len(have), {**kw, "length": length},
-                           seconds, calls / n, n * length / max(seconds, 1e-12))
+    return DecodeRunResult(lines, tokens, metrics, len(have), kw, length, seconds, calls / n,
+                           n * length / max(seconds, 1e-12))
