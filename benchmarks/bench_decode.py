@@ -84,9 +84,8 @@ SETTINGS = {
         "sudoku": dict(train={}, n=2, n_b1=1, families=("ar", "mdm")),
     }),
     "quick": dict(entry="tiny", families=FAMILIES, batches=(1, 64), reps=2, tasks={
-        "pathfind": dict(train=dict(steps=300, warmup=30), n=128, n_b1=32),
-        "sudoku": dict(train=dict(steps=20, warmup=2), n=8, n_b1=2,
-                       families=("ar", "mdm", "block")),
+        "pathfind": dict(train=dict(steps=200, warmup=20), n=128, n_b1=16),
+        "sudoku": dict(train=dict(steps=20, warmup=2), n=8, n_b1=2, families=("ar", "mdm")),
     }),
     "full": dict(entry="tiny", families=FAMILIES, batches=(1, 64), reps=3, tasks={
         "pathfind": dict(train={}, n=256, n_b1=64),

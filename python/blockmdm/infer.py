@@ -93,7 +93,8 @@ def decoder_kwargs(cfg, length: int, *, strategy: str | None = None, steps: int 
         steps: total denoising steps (stepped strategies only).
         tokens_per_step: positions committed per step, ``k``: the steps become the sum of
             ``ceil(m / k)`` over the blocks of ``m`` positions (for scatter over the offsets,
-            ``m`` blocks each). Excludes ``steps``.
+            ``m`` blocks each; jigsaw at ``k = 1``: its default, one position per call).
+            Excludes ``steps``.
         threshold: the confidence threshold of the ``threshold`` strategy.
     """
     family = get_family(cfg.family)
@@ -126,6 +127,10 @@ def decoder_kwargs(cfg, length: int, *, strategy: str | None = None, steps: int 
             if tokens_per_step != 1:
                 raise ValueError(f"tokens_per_step is used by the strategies {_STEPPED}; "
                                  f"{strategy!r} sets its own (got {tokens_per_step})")
+        elif strategy == "jigsaw" and tokens_per_step == 1:
+            # jigsaw spreads steps over the blocks in the order it picks them, so a count
+            # made for blocks of different sizes can miss: its default is one per call.
+            steps = None
         else:
             # Groups: the blocks (the last one may be shorter), or for scatter the offsets
             # (the first ones are in one more block); steps go to earlier groups first.

@@ -120,6 +120,10 @@ def test_decoder_kwargs_match_evaluation():
     assert decoder_kwargs(cfg, 3) == {"strategy": "scatter", "attention": "scatter",
                                       "block_size": 2, "steps": 4}
     assert decoder_kwargs(cfg, 3, tokens_per_step=2)["steps"] == 2
+    jigsaw = TrainConfig(task="pathfind", family="jigsaw", block_size=2,
+                         task_params=PATH).resolved()
+    assert "steps" not in decoder_kwargs(jigsaw, 3, tokens_per_step=1)  # one per call
+    assert decoder_kwargs(jigsaw, 3, tokens_per_step=2)["steps"] == 2
     ar = TrainConfig(task="pathfind", family="ar", task_params=PATH).resolved()
     assert decoder_kwargs(ar, 3) == {"strategy": "ar", "attention": "causal"}
 
