@@ -439,7 +439,7 @@ def test_decode(benchmark, name):
 # ---------------------------------------------------------------------------------------------
 
 
-def trained_notes(setting: str, device: str, threads: int) -> str:
+def trained_notes(setting: str, device: str, threads: int, given=()) -> str:
     spec = SETTINGS[setting]
     tasks = []
     for task, tspec in spec["tasks"].items():
@@ -470,6 +470,8 @@ def trained_notes(setting: str, device: str, threads: int) -> str:
         "model calls a sample goes through; speed_vs_ar: tokens_per_s over ar's at the same "
         "task and batch; acc_vs_own: accuracy minus the family's own decoder at one token per "
         f"call (its first row). Rows at batch 1 decode fewer samples (n).{low}"
+        + (f" Runs taken from --runs (their own settings): {', '.join(map(str, given))}."
+           if given else "")
     )
 
 
@@ -506,7 +508,9 @@ def main(argv=None):
     folders = setup_runs(setting, Path(args.cache), Path(args.runs) if args.runs else None,
                          args.jobs)
     report = Report("decode", "Decoding strategies on trained models vs AR decoding",
-                    args.device, trained_notes(setting, args.device, torch.get_num_threads()),
+                    args.device, trained_notes(setting, args.device, torch.get_num_threads(),
+                                               [f for f in folders.values()
+                                                if not str(f).startswith(str(args.cache))]),
                     args.out)
     rows = measure_trained(setting, folders, args.device, report)
     lines = headline(rows, 1) + headline(rows, max(SETTINGS[setting]["batches"]))

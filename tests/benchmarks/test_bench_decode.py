@@ -53,7 +53,7 @@ def test_smoke_run_writes_the_table_and_reuses_the_runs(cache_env, monkeypatch):
     assert trained == [] and folders["pathfind", "bd3"].parent == cache / "pathfind" / "bd3"
 
 
-def test_given_runs_folder_is_used(tmp_path):
+def test_given_runs_folder_is_used(tmp_path, monkeypatch):
     folder = tmp_path / "study" / "pathfind" / "mdm" / "seed0"
     (folder / "model").mkdir(parents=True)
     (folder / "run.json").write_text("{}")
@@ -61,6 +61,12 @@ def test_given_runs_folder_is_used(tmp_path):
     assert bd.given_run(tmp_path / "study", "pathfind", "mdm") == folder
     assert bd.given_run(tmp_path / "study", "pathfind", "ar") is None
     assert bd.given_run(None, "pathfind", "mdm") is None
+    trained = []
+    monkeypatch.setattr(bd, "_train_one", lambda fields, out: trained.append(out))
+    folders = bd.setup_runs("smoke", tmp_path / "cache", tmp_path / "study", 1,
+                            log=lambda *_: None)
+    assert folders["pathfind", "mdm"] == folder and str(folder) not in trained
+    assert len(trained) == len(folders) - 1
 
 
 def _row(family, strategy, acc, tps, tpc, batch=1):
