@@ -98,7 +98,10 @@ def _run_decode(args) -> int:
 def _add_decode_parser(sub) -> None:
     from blockmdm.decode import STRATEGIES
 
-    p = sub.add_parser("decode", help="complete task prompts with a trained run")
+    p = sub.add_parser("decode", help="complete task prompts with a trained run",
+                       description="Prints the completed lines on stdout, then one JSON line "
+                       "on stderr: the decoder, the task metrics over the rows that came with "
+                       "an answer, tokens/s and model calls per sample.")
     p.add_argument("--run", required=True, help="run folder written by `blockmdm train`")
     p.add_argument("--strategy", choices=STRATEGIES,
                    help="default: the family's decoder, as `blockmdm eval` uses it")
