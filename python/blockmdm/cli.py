@@ -2,6 +2,7 @@
 
     blockmdm train --task sudoku --family jigsaw --preset tiny --out runs/x [--resume]
     blockmdm eval --run runs/x
+    blockmdm decode --run runs/x [--strategy threshold --threshold 0.7] [--input prompts.txt]
     blockmdm train --config runs/study/pathfind/mdm/seed0/config.json
     blockmdm study --preset tiny [--out runs/study] [--tasks ...] [--families ...] [--jobs N]
     blockmdm study --preset paper --device cuda --plan      # one train command per run
@@ -80,6 +81,42 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _run_decode(args) -> int:
+    from blockmdm.infer import decode_run
+
+    result = decode_run(args.run, strategy=args.strategy, steps=args.steps,
+                        tokens_per_step=args.tokens_per_step, threshold=args.threshold,
+                        input_path=args.input, limit=args.limit, batch_size=args.batch_size,
+                        device=args.device)
+    for line in result.lines:
+        print(line)
+    # The summary goes to stderr so that stdout holds only the completed lines.
+    print(json.dumps(result.summary()), file=sys.stderr)
+    return 0
+
+
+def _add_decode_parser(sub) -> None:
+    from blockmdm.decode import STRATEGIES
+
+    p = sub.add_parser("decode", help="complete task prompts with a trained run",
+                       description="Prints the completed lines on stdout, then one JSON line "
+                       "on stderr: the decoder, the task metrics over the rows that came with "
+                       "an answer, tokens/s and model calls per sample.")
+    p.add_argument("--run", required=True, help="run folder written by `blockmdm train`")
+    p.add_argument("--strategy", choices=STRATEGIES,
+                   help="default: the family's decoder, as `blockmdm eval` uses it")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=int, help="total denoising steps")
+    group.add_argument("--tokens-per-step", type=int, help="positions committed per step")
+    p.add_argument("--threshold", type=float, help="confidence threshold (--strategy threshold)")
+    p.add_argument("--input", help="task lines with the answer blank or missing, one per row "
+                   "(default: the run's eval set); rows with an answer are scored")
+    p.add_argument("--limit", type=int, help="decode the first N prompts")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: the run's")
+    p.set_defaults(handler=_run_decode)
+
+
 def _run_study(args) -> int:
     from blockmdm.study import build_report, default_jobs, plan, run_study
 
@@ -150,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, help="evaluation examples (default: the run's)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: the run's")
     p.set_defaults(handler=_run_eval)
+
+    _add_decode_parser(sub)
 
     from blockmdm.study import STUDY_PRESETS
 

@@ -1,0 +1,88 @@
+"""benchmarks/bench_decode.py: the smoke run trains, caches and decodes every family, and writes
+the rows a suite plots; the headline picks a parallel row within the accuracy tolerance."""
+
+import csv
+
+import pytest
+
+from benchmarks import bench_decode as bd
+
+COLUMNS = {"task", "family", "strategy", "batch", "tokens_per_s", "calls_per_sample",
+           "latency_ms", "accuracy", "metric", "speed_vs_ar"}
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKMDM_CACHE_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+def test_smoke_run_writes_the_table_and_reuses_the_runs(cache_env, monkeypatch):
+    out, cache = cache_env / "out", cache_env / "runs"
+    argv = ["--smoke", "--device", "cpu", "--jobs", "1", "--out", str(out), "--cache", str(cache)]
+    bd.main(argv)
+    with open(out / "decode.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert COLUMNS <= set(rows[0])
+    assert {r["family"] for r in rows if r["task"] == "pathfind"} == set(bd.FAMILIES)
+    assert {r["batch"] for r in rows} == {"1", "4"}
+    for r in rows:
+        assert float(r["tokens_per_s"]) > 0 and float(r["calls_per_sample"]) >= 1
+        assert 0 <= float(r["accuracy"]) <= 1
+        assert r["metric"] == bd.METRIC[r["task"]]
+    ar = [r for r in rows if r["family"] == "ar"]
+    assert all(float(r["speed_vs_ar"]) == 1 and float(r["calls_per_sample"]) == 3
+               for r in ar if r["task"] == "pathfind")
+    # One token per call decodes the 3-node path in 3 calls (ddpm skips calls that would
+    # unmask nothing); k=2 in 2.
+    for r in rows:
+        if r["task"] == "pathfind" and ("k=1" in r["strategy"] or r["strategy"] in (
+                "ar", "first_hitting")) and "ddpm" not in r["strategy"]:
+            assert float(r["calls_per_sample"]) == 3, r
+    mdm = {r["strategy"]: r for r in rows
+           if r["task"] == "pathfind" and r["family"] == "mdm" and r["batch"] == "4"}
+    assert float(mdm["confidence k=1"]["calls_per_sample"]) == 3
+    assert float(mdm["confidence k=2"]["calls_per_sample"]) == 2
+    text = (out / "decode.md").read_text()
+    assert "Cost per call (random weights)" in text and "Headline" in text
+    assert (out / "decode_cost.csv").exists()
+    # A rerun trains nothing: the runs are cached under <task>/<family>/<config hash>.
+    trained = []
+    monkeypatch.setattr(bd, "_train_one", lambda fields, out: trained.append(out))
+    folders = bd.setup_runs("smoke", cache, None, 1, log=lambda *_: None)
+    assert trained == [] and folders["pathfind", "bd3"].parent == cache / "pathfind" / "bd3"
+
+
+def test_given_runs_folder_is_used(tmp_path, monkeypatch):
+    folder = tmp_path / "study" / "pathfind" / "mdm" / "seed0"
+    (folder / "model").mkdir(parents=True)
+    (folder / "run.json").write_text("{}")
+    (folder / "model" / "config.json").write_text("{}")
+    assert bd.given_run(tmp_path / "study", "pathfind", "mdm") == folder
+    assert bd.given_run(tmp_path / "study", "pathfind", "ar") is None
+    assert bd.given_run(None, "pathfind", "mdm") is None
+    trained = []
+    monkeypatch.setattr(bd, "_train_one", lambda fields, out: trained.append(out))
+    folders = bd.setup_runs("smoke", tmp_path / "cache", tmp_path / "study", 1,
+                            log=lambda *_: None)
+    assert folders["pathfind", "mdm"] == folder and str(folder) not in trained
+    assert len(trained) == len(folders) - 1
+
+
+def _row(family, strategy, acc, tps, tpc, batch=1):
+    return {"task": "pathfind", "family": family, "strategy": strategy, "batch": batch,
+            "accuracy": acc, "tokens_per_s": tps, "tokens_per_call": tpc, "metric": "exact",
+            "speed_vs_ar": tps / 100}
+
+
+def test_headline_keeps_to_the_accuracy_tolerance():
+    rows = [_row("ar", "ar", 0.5, 100, 1), _row("mdm", "confidence k=1", 1.0, 90, 1),
+            _row("mdm", "confidence k=2", 0.99, 150, 1.5),
+            _row("mdm", "confidence k=4", 0.9, 300, 3),
+            _row("scatter", "scatter k=1", 0.4, 80, 1),
+            _row("scatter", "scatter k=2", 0.45, 200, 2)]
+    (line,) = bd.headline(rows, 1)
+    # scatter k=2 is faster but 5 points below ar; mdm k=4 is 10 points below mdm k=1.
+    assert "mdm `confidence k=2`" in line and "1.50x" in line
+    rows[2]["accuracy"] = 0.5
+    assert "no parallel strategy" in bd.headline(rows[:3], 1)[0]
