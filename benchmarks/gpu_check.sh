@@ -273,9 +273,9 @@ for name in "${test_names[@]}"; do finish "$name" tests; done
 # steps through benchmarks/suite.py (name|limit|packages|size on CUDA: training runs its --quick
 # shapes there, since its full CUDA run needs far more than the budget), then bench_train_step,
 # which the suite does not cover, then the suite's long results and plots from the steps' CSVs.
-suite_steps=("attention|95|torch triton|" "cross_entropy|35|torch triton|"
+suite_steps=("attention|105|torch triton|" "cross_entropy|35|torch triton|"
   "denoise|40|torch triton|" "decode|40|torch triton numpy pytest|"
-  "train|40|torch triton|--quick")
+  "train|35|torch triton|--quick")
 ran=()
 for entry in "${suite_steps[@]}"; do
   IFS='|' read -r bench limit needs cuda_size <<<"$entry"
@@ -288,7 +288,7 @@ for entry in "${suite_steps[@]}"; do
   [ "$started" = 1 ] && finish "bench_$bench" "bench:$bench" && ran+=("$bench")
 done
 if [ -f benchmarks/bench_train_step.py ]; then
-  start bench_train_step 40 "torch triton numpy" env BLOCKMDM_AUTOTUNE=1 "$py" \
+  start bench_train_step 35 "torch triton numpy" env BLOCKMDM_AUTOTUNE=1 "$py" \
     benchmarks/bench_train_step.py --device "$device" "${size[@]}" --out "$work/parts"
   [ "$started" = 1 ] && finish bench_train_step bench:train_step
 fi
