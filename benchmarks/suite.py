@@ -91,12 +91,13 @@ def script_argv(step: str, device: str, size: str, out: Path, threads: int | Non
     return argv
 
 
-def run_step(step: str, argv: list) -> tuple[str, float]:
-    """Runs one script's ``main(argv)``; returns (status, seconds). A failing script is reported
-    and the suite goes on. Torch's thread count and the --smoke switch are restored after it
-    (a script may set them for itself)."""
+def run_step(step: str, argv: list) -> tuple[str, float, float]:
+    """Runs one script's ``main(argv)``; returns (status, wall seconds, CPU seconds of the
+    process, all threads: on a loaded machine the wall time says little). A failing script is
+    reported and the suite goes on. Torch's thread count and the --smoke switch are restored
+    after it (a script may set them for itself)."""
     threads, smoke = torch.get_num_threads(), common.SMOKE
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         importlib.import_module(STEPS[step][0]).main(argv)
         status = "ok"
@@ -108,12 +109,12 @@ def run_step(step: str, argv: list) -> tuple[str, float]:
     finally:
         torch.set_num_threads(threads)
         common.SMOKE = smoke
-    return status, time.perf_counter() - t0
+    return status, time.perf_counter() - t0, time.process_time() - c0
 
 
 def run_steps(steps: list, device: str, size: str, out: Path, threads: int | None,
               progress: bool = True) -> list:
-    """Runs ``steps`` in order; returns [(step, status, seconds, reports written)]."""
+    """Runs ``steps`` in order; returns [(step, status, wall s, CPU s, reports written)]."""
     done = []
     bar = _progress(steps, progress)
     for i, step in enumerate(bar, 1):
@@ -122,12 +123,13 @@ def run_steps(steps: list, device: str, size: str, out: Path, threads: int | Non
         else:
             print(f"[bench {i}/{len(steps)}] {step} ...", flush=True)
         start = time.time()
-        status, seconds = run_step(step, script_argv(step, device, size, out, threads))
+        status, seconds, cpu = run_step(step, script_argv(step, device, size, out, threads))
         written = [p.stem for p in sorted(out.glob("*.csv"))
                    if p.stem != "results" and p.stat().st_mtime >= start]
-        done.append((step, status, seconds, written))
+        done.append((step, status, seconds, cpu, written))
         if not hasattr(bar, "set_postfix_str"):
-            print(f"[bench {i}/{len(steps)}] {step}: {status}, {seconds:.0f} s", flush=True)
+            print(f"[bench {i}/{len(steps)}] {step}: {status}, {seconds:.0f} s "
+                  f"({cpu:.0f} CPU s)", flush=True)
     return done
 
 
@@ -328,8 +330,9 @@ def write_report_md(out: Path, names: list, env: dict, command: str, done: list,
     lines += [f"- {k}: {v}" for k, v in env.items()]
     lines += [f"- command: `{command}`", ""]
     if done:
-        lines += ["| step | status | s | reports |", "|---|---|---|---|"]
-        lines += [f"| {s} | {st} | {sec:.0f} | {', '.join(w)} |" for s, st, sec, w in done]
+        lines += ["| step | status | s | CPU s | reports |", "|---|---|---|---|---|"]
+        lines += [f"| {s} | {st} | {sec:.0f} | {cpu:.0f} | {', '.join(w)} |"
+                  for s, st, sec, cpu, w in done]
         lines.append("")
     lines += [f"Every measurement in long format: `results.csv` (columns "
               f"{', '.join(LONG_COLUMNS)}).", ""]
@@ -354,7 +357,7 @@ def report_names(out: Path, steps: list, done=()) -> list:
     """The reports of ``steps`` in ``out`` (md and csv both there), in step order: those each
     script is known to write, then any other it wrote in this run."""
     names = [n for step in steps for n in STEPS[step][2]]
-    names += [n for _, _, _, written in done for n in written if n not in names]
+    names += [n for *_, written in done for n in written if n not in names]
     return [n for n in names if (out / f"{n}.csv").exists() and (out / f"{n}.md").exists()]
 
 
@@ -408,7 +411,7 @@ def run(device: str | None = None, quick: bool = False, smoke: bool = False, out
     done = [] if report_only else run_steps(steps, device, size, folder, threads, progress)
     if report or report_only:
         assemble(folder, steps, device, command, done)
-    return 1 if any(status != "ok" for _, status, _, _ in done) else 0
+    return 1 if any(status != "ok" for _, status, *_ in done) else 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -3,9 +3,9 @@
 import csv
 
 import pytest
+from blockmdm import cli
 
 from benchmarks import suite
-from blockmdm import cli
 
 
 def test_bench_smoke_writes_report_results_and_plots(tmp_path):
