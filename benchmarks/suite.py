@@ -230,6 +230,8 @@ def plot_train(out: Path) -> str:
     if not need <= set(columns):
         return f"No training plot: train.csv lacks {sorted(need - set(columns))}."
     plt = _pyplot()
+    from matplotlib.ticker import NullLocator
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     families = list(dict.fromkeys(r["family"] for r in rows))
     for i, family in enumerate(families):
@@ -241,6 +243,9 @@ def plot_train(out: Path) -> str:
         ax.plot([m[0] for m in mine], [m[2] for m in mine], "--o", color=color, alpha=0.7,
                 label=f"{family} plain")
     ax.set_xscale("log", base=2)
+    lengths = sorted({int(r["T"]) for r in rows})
+    ax.set_xticks(lengths, [str(t) for t in lengths])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T")
     ax.set_ylabel("training tokens/s")
