@@ -7,9 +7,13 @@
 #
 # OUT_DIR receives three files: gpu_check.md (device, versions, commit, date, each step's status
 # and time, the benchmark tables), gpu_check.log (every step's output) and results.csv (the
-# benchmark CSVs, one section per report). The report and results.csv are rewritten after every
-# step and each benchmark writes its rows as it measures them, so a step that runs out of time
-# keeps what it finished.
+# benchmark CSVs, one section per report, then a "# long" section: every measurement in the
+# long format of `blockmdm bench`). The report and results.csv are rewritten after every step
+# and each benchmark writes its rows as it measures them, so a step that runs out of time keeps
+# what it finished. The benchmarks run through the suite (benchmarks/suite.py, what `blockmdm
+# bench` runs), one step at a time so each has its own time limit; a last step, bench_report,
+# writes the suite's long results and plots, and a run that is not a dry run copies the plots
+# (train_throughput.png, decode_accuracy.png) into OUT_DIR as well.
 #
 # Without a GPU the same steps run on CPU: benchmarks with --quick shapes, and each test shard
 # runs one token test under the Triton interpreter (too slow for the whole CUDA selection; the
@@ -145,6 +149,7 @@ write_report() {
     done
     for f in "$work"/parts/*.md; do
       [ -e "$f" ] || continue
+      [ "$(basename "$f")" = report.md ] && continue  # the suite's summary of the same tables
       echo "---"
       echo
       sed 's/^# /## /' "$f"
@@ -154,8 +159,12 @@ write_report() {
   : >"$results"
   for f in "$work"/parts/*.csv; do
     [ -e "$f" ] || continue
+    [ "$(basename "$f")" = results.csv ] && continue  # the long format, written last
     { echo "# $(basename "$f" .csv)"; cat "$f"; echo; } >>"$results"
   done
+  if [ -f "$work/suite_done" ] && [ -f "$work/parts/results.csv" ]; then
+    { echo "# long"; cat "$work/parts/results.csv"; } >>"$results"
+  fi
 }
 
 # record NAME STATUS SECONDS LIMIT RESULT
@@ -260,19 +269,44 @@ for shard in "${shards[@]}"; do
 done
 for name in "${test_names[@]}"; do finish "$name" tests; done
 
-# Benchmarks, one at a time (they time the device), with the small autotune space.
-benches=("attention|110|torch triton" "cross_entropy|40|torch triton" "denoise|50|torch triton"
-  "decode|50|torch triton numpy pytest")
-[ -f benchmarks/bench_train_step.py ] && benches+=("train_step|50|torch triton numpy")
-for entry in "${benches[@]}"; do
-  IFS='|' read -r bench limit needs <<<"$entry"
-  # bench_decode's trained-model table trains its models first: only the cost table fits here.
-  extra=(); [ "$bench" = decode ] && extra=(--only cost)
-  start "bench_$bench" "$limit" "$needs" env BLOCKMDM_AUTOTUNE=1 "$py" \
-    benchmarks/bench_$bench.py --device "$device" "${size[@]}" ${extra[@]+"${extra[@]}"} \
-    --out "$work/parts"
-  [ "$started" = 1 ] && finish "bench_$bench" "bench:$bench"
+# Benchmarks, one at a time (they time the device), with the small autotune space: the suite's
+# steps through benchmarks/suite.py (name|limit|packages|size on CUDA: training runs its --quick
+# shapes there, since its full CUDA run needs far more than the budget), then bench_decode's
+# cost table and bench_train_step as plain scripts, then the suite's long results and plots
+# from the steps' CSVs.
+suite_steps=("attention|105|torch triton|" "cross_entropy|35|torch triton|"
+  "denoise|40|torch triton|" "train|35|torch triton|--quick")
+ran=()
+for entry in "${suite_steps[@]}"; do
+  IFS='|' read -r bench limit needs cuda_size <<<"$entry"
+  step_size=("${size[@]}")
+  if [ "$device" = cuda ] && [ "$dry" != 1 ] && [ -n "$cuda_size" ]; then
+    step_size=("$cuda_size")
+  fi
+  start "bench_$bench" "$limit" "$needs" env BLOCKMDM_AUTOTUNE=1 "$py" -m benchmarks.suite \
+    --only "$bench" --device "$device" "${step_size[@]}" --out "$work/parts" --no-report
+  [ "$started" = 1 ] && finish "bench_$bench" "bench:$bench" && ran+=("$bench")
 done
+# bench_decode's trained-model table trains its models first: only the cost table fits here.
+start bench_decode 40 "torch triton numpy pytest" env BLOCKMDM_AUTOTUNE=1 "$py" \
+  benchmarks/bench_decode.py --device "$device" "${size[@]}" --only cost --out "$work/parts"
+[ "$started" = 1 ] && finish bench_decode bench:decode && ran+=(decode)
+if [ -f benchmarks/bench_train_step.py ]; then
+  start bench_train_step 35 "torch triton numpy" env BLOCKMDM_AUTOTUNE=1 "$py" \
+    benchmarks/bench_train_step.py --device "$device" "${size[@]}" --out "$work/parts"
+  [ "$started" = 1 ] && finish bench_train_step bench:train_step
+fi
+if [ ${#ran[@]} -gt 0 ]; then
+  start bench_report 20 "torch" "$py" -m benchmarks.suite --report-only \
+    --only "$(IFS=,; echo "${ran[*]}")" --device "$device" --out "$work/parts"
+  if [ "$started" = 1 ]; then
+    touch "$work/suite_done"
+    finish bench_report bench:results
+    if [ "$dry" != 1 ]; then
+      for f in "$work"/parts/*.png; do [ -e "$f" ] && cp "$f" "$out/"; done
+    fi
+  fi
+fi
 
 write_report
 echo "gpu check: $mode, $SECONDS s, report $report"

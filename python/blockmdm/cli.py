@@ -7,6 +7,7 @@
     blockmdm study --preset tiny [--out runs/study] [--tasks ...] [--families ...] [--jobs N]
     blockmdm study --preset paper --device cuda --plan      # one train command per run
     blockmdm study --preset paper --report-only             # report from a filled folder
+    blockmdm bench --quick [--device cpu|cuda] [--only train,decode] [--out DIR]
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m blockmdm.cli train ...``.
 """
@@ -141,6 +142,29 @@ def _run_study(args) -> int:
     return 0
 
 
+def _benchmarks_root():
+    """The source checkout holding ``benchmarks/`` (two levels above python/blockmdm), or None
+    (an installed copy without the checkout)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "benchmarks" / "suite.py").is_file() else None
+
+
+def _run_bench(args) -> int:
+    root = _benchmarks_root()
+    if root is None:
+        raise ValueError("blockmdm bench runs from a source checkout (benchmarks/suite.py next "
+                         "to python/blockmdm; install it with `pip install -e .`)")
+    for path in (str(root / "python"), str(root)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    from benchmarks import suite
+
+    return suite.run(args.device, args.quick, args.smoke, args.out, args.only, args.threads,
+                     args.report_only, command="blockmdm " + shlex.join(args.argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockmdm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the report from the runs already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_run_study)
+
+    p = sub.add_parser("bench", help="run the benchmark suite and write one report "
+                       "(from a source checkout)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--quick", action="store_true", help="small shapes (minutes on 2 CPU cores)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the smallest shapes, one timed call each (seconds; checks it all runs)")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<device>/)")
+    p.add_argument("--only", metavar="NAMES",
+                   help="comma-separated subset of train,decode,attention,cross_entropy,denoise")
+    p.add_argument("--threads", type=int, help="torch CPU threads for every benchmark")
+    p.add_argument("--report-only", action="store_true",
+                   help="write report.md, results.csv and the plots from the CSVs in --out")
+    p.set_defaults(handler=_run_bench)
     return parser
 
 
