@@ -235,7 +235,8 @@ def summary(rows, device: str) -> str:
 def run(device: str, size: str, report: Report, families=FAMILIES, one_thread: bool = False):
     """The rows of one run size; ``one_thread`` adds 1-thread columns at T = 512."""
     backbone = BACKBONES[size]
-    memory = size != "smoke" or device == "cuda"
+    # the profiler behind the CPU peak memory costs seconds per call: full runs only
+    memory = size not in ("smoke", "quick") or device == "cuda"
     # FlexAttention compiles once per family and length: only the full CUDA run affords it
     flex = device == "cuda" and size == "cuda"
     for shape in SHAPES[size]:
