@@ -244,8 +244,7 @@ def run(device: str, size: str, report: Report, flex=(), only=()) -> list:
         sdpa_in = ((qh, kh, vh), doh)
         impls = {"ours": (_ours(q, k, v, spec, block), (q, k, v), do),
                  "sdpa": (_sdpa(qh, kh, vh, spec, block, T, device), *sdpa_in),
-                 "causal": (lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True),
-                            *sdpa_in)}
+                 "causal": (_sdpa(qh, kh, vh, masks.causal(), block, T, device), *sdpa_in)}
         per_block = _per_block(qh, kh, vh, spec)
         if per_block is not None:
             impls["per-block"] = (per_block, *sdpa_in)
@@ -345,7 +344,8 @@ def main(argv=None):
         " Times are medians (CUDA: triton.testing.do_bench, return_mode=\"median\"; CPU: median "
         "of at least 3 timed calls after a warm-up). TFLOP/s count visible pairs only "
         "(4*B*H*D*pairs forward, x3.5 for forward+backward); 'x vs' is baseline ms / ours ms "
-        "(> 1: ours is faster), at the default thread count unless marked 1t. jigsaw fresh: each call takes the next of "
+        "(> 1: ours is faster), at the default thread count unless marked 1t. jigsaw fresh: "
+        "each call takes the next of "
         f"{POOL} masked_blocks drawn beforehand (p = 0.5 per block) and builds what the "
         "implementation needs from it inside the timing: our spec (and its tile map), SDPA's "
         "dense mask, flex's block mask (one mask_mod over a buffer refilled in place); "

@@ -55,11 +55,13 @@ CONFIGS = {
             (32000, 16, 32, 1.0, 1.0), (32000, 64, 32, 0.0, 0.5)],
     "quick": [(1000, 4, 32, 0.0, 1.0), (128, 4, 32, 0.0, 1.0), (1000, 2, 16, 1.0, 1.0),
               (1000, 4, 32, 0.0, 0.5)],
-    "smoke": [(128, 2, 16, 0.0, 1.0), (128, 2, 16, 1.0, 1.0), (128, 2, 16, 0.0, 0.5)],
+    # two rows (gpu_check.sh counts them): greedy all active, sampling half active
+    "smoke": [(128, 2, 16, 0.0, 1.0), (128, 2, 16, 1.0, 0.5)],
 }
 
-# Timed methods, in column order.
+# Timed methods, in column order, and their column labels ("step" is ours, bk.denoise_step).
 METHODS = ("ours", "plain fp64", "plain fp32", "amax")
+LABELS = {"ours": "step", "plain fp64": "plain fp64", "plain fp32": "plain fp32", "amax": "amax"}
 
 
 @contextlib.contextmanager
@@ -161,20 +163,21 @@ def methods(logits, tokens, active, mask_id, temperature, device):
 
 def measure(V, B, T, temperature, active_fraction, dtype, device, hbm, rounds=5):
     """One report row: every method on the same problem, at the default thread count and (CPU)
-    at one thread, interleaved within each."""
+    at one thread, interleaved within each. The first columns keep the names gpu_check.sh and
+    its test read ("active rows", "step median ms")."""
     logits, tokens, active, mask_id = make(V, B, T, dtype, device,
                                            active_fraction=active_fraction)
     fns = methods(logits, tokens, active, mask_id, temperature, device)
     ms = bench_interleaved(fns, device, rounds)
     row = {
-        "V": V, "B x T": f"{B}x{T}", "active %": round(100 * float(active.float().mean())),
+        "V": V, "B x T": f"{B}x{T}", "active rows": int(active.sum()),
         "dtype": str(dtype).replace("torch.", ""), "temperature": temperature,
     }
-    row.update({f"{name} ms": ms[name] for name in METHODS})
+    row.update({f"{LABELS[name]} median ms": ms[name] for name in METHODS})
     if device == "cpu":
         with num_threads(1):
             ms1 = bench_interleaved(fns, device, rounds)
-        row.update({f"{name} ms 1t": ms1[name] for name in METHODS})
+        row.update({f"{LABELS[name]} ms 1t": ms1[name] for name in METHODS})
     row["x vs plain fp64"] = ms["plain fp64"] / ms["ours"]
     row["x vs plain fp32"] = ms["plain fp32"] / ms["ours"]
     row["x amax"] = ms["ours"] / ms["amax"]
@@ -182,16 +185,17 @@ def measure(V, B, T, temperature, active_fraction, dtype, device, hbm, rounds=5)
         row["x vs plain fp64 1t"] = ms1["plain fp64"] / ms1["ours"]
         row["x vs plain fp32 1t"] = ms1["plain fp32"] / ms1["ours"]
         row["x amax 1t"] = ms1["ours"] / ms1["amax"]
-        row["ours 1t / default"] = ms1["ours"] / ms["ours"]
-        # threads that did work in ours: the default count, and 1 under set_num_threads(1)
-        row["ours busy threads"] = busy_threads(fns["ours"])
+        row["step 1t / default"] = ms1["ours"] / ms["ours"]
+        # threads that did work in the step: the default count, and 1 under set_num_threads(1)
+        row["step busy threads"] = busy_threads(fns["ours"])
         with num_threads(1):
-            row["ours busy threads 1t"] = busy_threads(fns["ours"])
+            row["step busy threads 1t"] = busy_threads(fns["ours"])
+    row["active %"] = round(100 * float(active.float().mean()))
     gbytes = int(active.sum()) * V * logits.element_size() / 1e9
-    row["ours GB/s"] = gbytes / ms["ours"] * 1e3
+    row["step GB/s"] = gbytes / ms["ours"] * 1e3
     if hbm is not None:
-        row["ours % of copy BW"] = 100 * row["ours GB/s"] / hbm
-        row["ours peak MB"] = peak_memory(fns["ours"], device) / 2**20
+        row["step % of copy BW"] = 100 * row["step GB/s"] / hbm
+        row["step peak MB"] = peak_memory(fns["ours"], device) / 2**20
         row["plain fp64 peak MB"] = peak_memory(fns["plain fp64"], device) / 2**20
     return row
 
@@ -228,32 +232,33 @@ def main(argv=None):
     size = "smoke" if args.smoke else "quick" if args.quick else args.device
     threads = torch.get_num_threads()
     notes = (
-        "ours = `bk.denoise_step` (k = 4, confidence \"prob\"; on CPU the native one-pass step "
-        f"when `blockmdm_kernels.native_available()` = {bk.native_available()}); plain fp64 = "
+        "step = `bk.denoise_step` (ours; k = 4, confidence \"prob\"; on CPU the native one-pass "
+        f"step when `blockmdm_kernels.native_available()` = {bk.native_available()}); plain fp64 = "
         "softmax over all [B, T, V] logits in float64 -> argmax/gather -> where -> topk -> "
         "scatter (LLaDA / Fast-dLLM), with float64 Gumbel noise (LLaDA's add_gumbel_noise) at "
         "temperature > 0; plain fp32 = the same code without the float64 upcast; amax = one "
         "`logits.amax(-1)` pass over the same logits (the memory-read floor). "
-        "Active: all B x T positions of every row unless 'active %' says otherwise. "
+        "Active: all B x T positions of every row ('active rows' = B x T, 'active %' = 100) "
+        "unless the row says otherwise. "
         "Times are medians (CUDA: triton.testing.do_bench, return_mode=\"median\"; CPU: median of "
         "5 rounds, each timing every method once, interleaved, after a warm-up). "
-        "'x vs plain' = plain ms / ours ms; 'x amax' = ours ms / amax ms. "
+        "'x vs plain' = plain ms / step ms; 'x amax' = step ms / amax ms. "
         "GB/s = active rows' logits read once / time."
     )
     if args.device == "cpu":
         notes += (f"\n\nThreads: the headline columns run at {threads} torch thread(s) "
                   "(torch's default unless --threads says otherwise); the '1t' columns at "
-                  "`torch.set_num_threads(1)`. 'ours busy threads' counts the threads of the "
-                  "process that used CPU time during >= 0.3 s of calls of ours (Linux /proc): the default "
-                  "count shows the native step runs on torch's threads, 1 that "
+                  "`torch.set_num_threads(1)`. 'step busy threads' counts the threads of the "
+                  "process that used CPU time during >= 0.3 s of calls of the step (Linux /proc): "
+                  "the default count shows the native step runs on torch's threads, 1 that "
                   "set_num_threads(1) makes it single-threaded.")
     if args.device == "cpu" and size == "cpu":
         notes += ("\n\nCPU shapes: V = 128256 runs at B x T = 8x32 and 1x256 (not 64x32 and "
                   "1x1024) to keep the run within minutes and memory; logits are float32.")
     notes += ("\n\nTarget (CPU, V = 32000, B x T = 64x32, float32, k = 4, all rows active): "
               "x vs plain fp64 >= 10, x vs plain fp32 >= 4, x amax <= 3.")
-    report = Report("denoise", "Denoise step: bk.denoise_step vs the plain-torch step and one "
-                    "amax pass", args.device, notes, args.out)
+    report = Report("denoise", "Denoise step: bk.denoise_step vs the plain-torch step",
+                    args.device, notes, args.out)
     hbm, target = run(args.device, size, report)
     closing = []
     if hbm is not None:
