@@ -90,19 +90,24 @@ def _thread_ticks() -> dict:
 
 
 def busy_threads(fn, min_time: float = 0.3):
-    """How many threads of this process used CPU time while ``fn()`` ran (at least 3 calls and
-    ``min_time`` seconds, so the kernel's tick counters move): shows whether an op really runs
-    on torch's thread count, whatever the load on the machine ("n/a" where /proc is missing).
-    Small problems may legitimately use one thread (below the op's parallel grain)."""
+    """How many threads of this process did a share of the work while ``fn()`` ran (at least 3
+    calls and ``min_time`` seconds, so the kernel's tick counters move): shows whether an op
+    really runs on torch's thread count, whatever the load on the machine ("n/a" where /proc is
+    missing). A thread counts when it used at least a tenth of the busiest thread's ticks, so
+    a pool thread still spinning from an earlier parallel region does not. Small problems may
+    legitimately use one thread (below the op's parallel grain)."""
     if not os.path.isdir("/proc/self/task"):
         return "n/a"
+    fn()
+    time.sleep(0.1)  # idle pool threads of earlier calls stop spinning and go to sleep
     before = _thread_ticks()
     start, calls = time.perf_counter(), 0
     while calls < 3 or time.perf_counter() - start < min_time:
         fn()
         calls += 1
     after = _thread_ticks()
-    return sum(after[t] > before.get(t, 0) for t in after)
+    used = [after[t] - before.get(t, 0) for t in after]
+    return sum(u > 0 and u >= 0.1 * max(used) for u in used)
 
 
 def plain_step(logits, tokens, active, k, temperature=0.0, compute=torch.float64):
@@ -249,7 +254,8 @@ def main(argv=None):
         notes += (f"\n\nThreads: the headline columns run at {threads} torch thread(s) "
                   "(torch's default unless --threads says otherwise); the '1t' columns at "
                   "`torch.set_num_threads(1)`. 'step busy threads' counts the threads of the "
-                  "process that used CPU time during >= 0.3 s of calls of the step (Linux /proc): "
+                  "process that did at least a tenth of the busiest thread's CPU time during "
+                  ">= 0.3 s of calls of the step (Linux /proc): "
                   "the default count shows the native step runs on torch's threads, 1 that "
                   "set_num_threads(1) makes it single-threaded.")
     if args.device == "cpu" and size == "cpu":
