@@ -11,6 +11,7 @@ beforehand (the random draw is not timed): our spec and its tile map, SDPA's den
 FlexAttention's block mask. As a pytest-benchmark module it times small shapes.
 """
 
+import contextlib
 import itertools
 import sys
 from pathlib import Path
@@ -109,6 +110,54 @@ def _sdpa(q, k, v, spec, block, T, device):
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
 
 
+def block_causal_loop(q, k, v, block: int):
+    """block_causal(block) as one SDPA call per query block: the queries of block [s, e) over
+    keys [0, e). q, k, v [B, H, T, D] -> [B, H, T, D]."""
+    T = q.shape[2]
+    outs = []
+    for s in range(0, T, block):
+        e = min(s + block, T)
+        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e]))
+    return torch.cat(outs, 2)
+
+
+def bd3_loop(q, k, v, block: int):
+    """bd3(block) over [x_t | x_0] (T = 2L) as one SDPA call per query block: x_t block
+    [s, e) over its own keys and x_0 keys [0, s); x_0 block [s, e) over x_0 keys [0, e).
+    q, k, v [B, H, 2L, D] -> [B, H, 2L, D]."""
+    L = q.shape[2] // 2
+    noisy, clean = [], []
+    for s in range(0, L, block):
+        e = min(s + block, L)
+        keys = torch.cat([k[:, :, s:e], k[:, :, L:L + s]], 2)
+        values = torch.cat([v[:, :, s:e], v[:, :, L:L + s]], 2)
+        noisy.append(F.scaled_dot_product_attention(q[:, :, s:e], keys, values))
+        clean.append(F.scaled_dot_product_attention(q[:, :, L + s:L + e], k[:, :, L:L + e],
+                                                    v[:, :, L:L + e]))
+    return torch.cat(noisy + clean, 2)
+
+
+def _per_block(q, k, v, spec):
+    """The per-query-block SDPA loop for block_causal and bd3 (prefix 0, one shared mask);
+    None for the other families."""
+    if isinstance(spec, MaskPool) or spec.prefix or spec.kind not in ("block_causal", "bd3"):
+        return None
+    loop = block_causal_loop if spec.kind == "block_causal" else bd3_loop
+    return lambda: loop(q, k, v, spec.block_size)
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's CPU thread count set to ``n`` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _flex(q, k, v, spec, block, B, T, device):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -169,9 +218,19 @@ def _raise_recompile_limit():
     setattr(config, limit, max(getattr(config, limit), 64))
 
 
+def _time(fn, inputs, grad, backward, device) -> float:
+    """Median ms of the forward (under no_grad) or of forward + backward."""
+    step = _with_backward(fn, inputs, grad) if backward else fn
+    with torch.enable_grad() if backward else torch.no_grad():
+        ms = bench(step, device)
+    sync(device)
+    return ms
+
+
 def run(device: str, size: str, report: Report, flex=(), only=()) -> list:
     """Adds the rows of the main table to ``report``. ``flex``: families timed with
-    FlexAttention (None: none, empty: all); ``only``: families to run (empty: all)."""
+    FlexAttention (None: none, empty: all); ``only``: families to run (empty: all). On CPU ours
+    and the SDPA baselines are timed again at one thread (the "1t" columns)."""
     cfg = CONFIGS[size]
     B, H, D, T, dtype, block = (cfg[k] for k in ("B", "H", "D", "T", "dtype", "block"))
     _raise_recompile_limit()
@@ -182,30 +241,47 @@ def run(device: str, size: str, report: Report, flex=(), only=()) -> list:
                  else visible_pairs(spec, B, T, device))
         flops = 4 * B * H * D * pairs
         (q, k, v, do), (qh, kh, vh, doh) = _inputs(B, T, H, D, dtype, device)
+        sdpa_in = ((qh, kh, vh), doh)
         impls = {"ours": (_ours(q, k, v, spec, block), (q, k, v), do),
-                 "sdpa": (_sdpa(qh, kh, vh, spec, block, T, device), (qh, kh, vh), doh)}
+                 "sdpa": (_sdpa(qh, kh, vh, spec, block, T, device), *sdpa_in),
+                 "causal": (_sdpa(qh, kh, vh, masks.causal(), block, T, device), *sdpa_in)}
+        per_block = _per_block(qh, kh, vh, spec)
+        if per_block is not None:
+            impls["per-block"] = (per_block, *sdpa_in)
         if flex is not None and _picked(name, flex):
             # FlexAttention has no CPU backward and refuses CPU inputs that require grad.
             fq, fk, fv = (x.detach() for x in (qh, kh, vh)) if device == "cpu" else (qh, kh, vh)
             impls["flex"] = (_flex(fq, fk, fv, spec, block, B, T, device), (fq, fk, fv), doh)
-        columns = ["ours", "sdpa"] + ([] if flex is None else ["flex"])
+        columns = ["ours", "sdpa", "causal", "per-block"] + ([] if flex is None else ["flex"])
+        one_thread = ["ours", "sdpa", "causal", "per-block"] if device == "cpu" else []
         for label, factor in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+            backward = label != "fwd"
             row = {"family": name, "pass": label, "T": T, "visible %": 100.0 * pairs / (B * T * T)}
-            ms = {}
+            ms, ms1 = {}, {}
             for impl in columns:
-                if impl not in impls or (impl == "flex" and device == "cpu" and label != "fwd"):
-                    row[f"{impl} median ms"] = row[f"{impl} TFLOP/s"] = "n/a"
+                if impl not in impls or (impl == "flex" and device == "cpu" and backward):
                     continue
-                fn, inputs, grad = impls[impl]
-                step = fn if label == "fwd" else _with_backward(fn, inputs, grad)
-                with torch.no_grad() if label == "fwd" else torch.enable_grad():
-                    ms[impl] = bench(step, device)
-                sync(device)
-                row[f"{impl} median ms"] = ms[impl]
-                row[f"{impl} TFLOP/s"] = flops * factor / (ms[impl] * 1e-3) / 1e12
+                ms[impl] = _time(*impls[impl], backward, device)
+            with num_threads(1):
+                for impl in one_thread:
+                    if impl in impls:
+                        ms1[impl] = _time(*impls[impl], backward, device)
             for impl in columns:
-                if impl != "ours":
+                row[f"{impl} median ms"] = ms.get(impl, "n/a")
+                if impl in ("ours", "sdpa", "flex"):
+                    row[f"{impl} TFLOP/s"] = (flops * factor / (ms[impl] * 1e-3) / 1e12
+                                              if impl in ms else "n/a")
+            for impl in one_thread:
+                row[f"{impl} ms 1t"] = ms1.get(impl, "n/a")
+            for impl in ("sdpa", "per-block", "flex"):
+                if impl in columns:
                     row[f"x vs {impl}"] = ms[impl] / ms["ours"] if impl in ms else "n/a"
+            row["ours / causal"] = ms["ours"] / ms["causal"]
+            if device == "cpu":
+                row["x vs sdpa 1t"] = ms1["sdpa"] / ms1["ours"]
+                row["x vs per-block 1t"] = (ms1["per-block"] / ms1["ours"] if "per-block" in ms1
+                                            else "n/a")
+                row["ours / causal 1t"] = ms1["ours"] / ms1["causal"]
             report.add(row)
 
 
@@ -254,14 +330,22 @@ def main(argv=None):
     notes = (
         f"B={cfg['B']}, H={cfg['H']}, D={cfg['D']}, T={cfg['T']} (bd3: [x_t | x_0], "
         f"2x{cfg['T'] // 2}), {str(cfg['dtype']).replace('torch.', '')}, no GQA, "
-        f"{torch.get_num_threads()} CPU threads. "
-        "ours: bk.block_attention (Triton on CUDA, the tile-skipping CPU path on CPU). "
+        f"{torch.get_num_threads()} CPU threads (torch's default unless --threads says "
+        "otherwise; the '1t' columns at torch.set_num_threads(1)). All query rows attend. "
+        "ours: bk.block_attention (Triton on CUDA, the native tile-skipping CPU path on CPU). "
         "sdpa: F.scaled_dot_product_attention with the dense bool mask (is_causal for causal, no "
-        "mask for full). flex: torch.compile(flex_attention) with create_block_mask(spec.mask_mod)."
+        "mask for full). causal: SDPA is_causal=True at the same shape, whatever the family (the "
+        "work-equivalent floor for block_causal, which sees about the same pairs); 'ours / "
+        "causal' = ours ms / causal ms. per-block: one SDPA call per query block, no mask "
+        "(block_causal: the block's queries over keys [0, block end); bd3: an x_t block over its "
+        "own keys and the x_0 keys before it, an x_0 block over x_0 keys up to its end; n/a "
+        "for the other families). "
+        "flex: torch.compile(flex_attention) with create_block_mask(spec.mask_mod)."
         " Times are medians (CUDA: triton.testing.do_bench, return_mode=\"median\"; CPU: median "
         "of at least 3 timed calls after a warm-up). TFLOP/s count visible pairs only "
         "(4*B*H*D*pairs forward, x3.5 for forward+backward); 'x vs' is baseline ms / ours ms "
-        "(> 1: ours is faster). jigsaw fresh: each call takes the next of "
+        "(> 1: ours is faster), at the default thread count unless marked 1t. jigsaw fresh: "
+        "each call takes the next of "
         f"{POOL} masked_blocks drawn beforehand (p = 0.5 per block) and builds what the "
         "implementation needs from it inside the timing: our spec (and its tile map), SDPA's "
         "dense mask, flex's block mask (one mask_mod over a buffer refilled in place); "
@@ -323,6 +407,12 @@ def test_sdpa_dense_mask_fwd(benchmark):
     dense = spec.dense(256, 256)[:, None]
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     benchmark(F.scaled_dot_product_attention, qh, kh, vh, attn_mask=dense)
+
+
+def test_sdpa_per_block_loop_fwd(benchmark):
+    q, k, v, _ = _small()
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    benchmark(block_causal_loop, qh, kh, vh, 16)
 
 
 def test_jigsaw_fresh_spec_fwd_bwd(benchmark):

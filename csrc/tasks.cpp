@@ -298,7 +298,8 @@ at::Tensor sudoku_generate(uint64_t seed, int64_t holes, int64_t first, int64_t 
   at::Tensor out = at::empty({n, 2, 81}, at::kByte);
   uint8_t* p = out.data_ptr<uint8_t>();
   // Dynamic schedule: the cost of a puzzle varies (restarts), so fixed chunks would idle a core.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  // One puzzle (the repeat redraws) runs on the calling thread: waking a team costs more.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (n > 1)
   for (int64_t k = 0; k < n; ++k) {
     make_puzzle(seed, static_cast<int>(holes), static_cast<uint64_t>(first + k),
                 static_cast<uint64_t>(attempt), p + k * 162, p + k * 162 + 81);
@@ -315,7 +316,9 @@ std::tuple<at::Tensor, at::Tensor> sudoku_count(const at::Tensor& grids, int64_t
   const uint8_t* g = grids.data_ptr<uint8_t>();
   int64_t* c = counts.data_ptr<int64_t>();
   uint8_t* s = solutions.data_ptr<uint8_t>();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  // One grid runs on the calling thread: a team's wake-up and barrier cost more than solving a
+  // grid (tens of microseconds), and much more on a loaded machine.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (n > 1)
   for (int64_t k = 0; k < n; ++k) {
     Counter counter;
     Counter::State state;
