@@ -150,7 +150,7 @@ def native_tile_sizes(spec: MaskSpec):
     if spec.kind == "jigsaw":
         return min(NATIVE_Q_TILE, JIGSAW_TILE[0]), min(NATIVE_K_TILE, JIGSAW_TILE[1])
     if spec.kind == "bd3":
-        return BD3_TILE
+        return min(NATIVE_Q_TILE, BD3_TILE[0]), min(NATIVE_K_TILE, BD3_TILE[1])
     return NATIVE_Q_TILE, NATIVE_K_TILE
 
 
