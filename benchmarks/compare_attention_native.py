@@ -1,9 +1,12 @@
 """Native CPU block_attention against SDPA baselines at one shape, medians of a few repeats.
 
     python benchmarks/compare_attention_native.py [--threads N] [--T 2048] [--repeats 5]
+    python benchmarks/compare_attention_native.py --smoke   # tiny shape, a few seconds
 
 Prints ms and ratios against SDPA is_causal (the work-equivalent floor), SDPA with the dense
-bool mask and, for full, SDPA without a mask; forward and forward + backward, fp32.
+bool mask and, for full, SDPA without a mask; forward and forward + backward, fp32. The
+contenders of a spec run interleaved, one call each per round, so a load change on a shared
+machine hits them alike; each ratio is the median over rounds of that round's time ratio.
 """
 
 import argparse
@@ -17,14 +20,24 @@ import blockmdm_kernels as bk
 from blockmdm_kernels import masks
 
 
-def _median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+def _interleaved(fns, repeats):
+    """{key: [seconds per round]} running every fn once per round, after one warm-up round."""
+    times = {key: [] for key in fns}
+    for r in range(repeats + 1):
+        for key, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if r:
+                times[key].append(time.perf_counter() - t)
+    return times
+
+
+def _report(name, label, times):
+    ms = " ".join(f"{key}={statistics.median(t) * 1e3:.1f}ms" for key, t in times.items())
+    ratios = " ".join(
+        f"{key}/ours={statistics.median(a / b for a, b in zip(t, times['ours'])):.2f}"
+        for key, t in times.items() if key != "ours")
+    print(f"{name:12s} {label:8s} {ms} | {ratios}", flush=True)
 
 
 def _fwd_bwd(fn, grad):
@@ -56,25 +69,25 @@ def main():
     parser.add_argument("--T", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--specs", default="block_causal,bd3,full,causal")
+    parser.add_argument("--smoke", action="store_true", help="T=128, H=2, 2 repeats")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     B, H, D, T = 1, 8, 64, args.T
+    if args.smoke:
+        H, T, args.repeats = 2, 128, 2
     specs = {"block_causal": masks.block_causal(64), "bd3": masks.bd3(64),
              "full": masks.full(), "causal": masks.causal()}
     print(f"threads={torch.get_num_threads()} B={B} H={H} T={T} D={D} fp32")
     for name in args.specs.split(","):
         spec = specs[name]
         runs = _runs(name, spec, B, T, H, D)
-        fwd, fb = {}, {}
-        for key, (fn, grad) in runs.items():
-            with torch.no_grad():
-                fwd[key] = _median_ms(fn, args.repeats)
-            fb[key] = _median_ms(_fwd_bwd(fn, grad), max(args.repeats // 2, 1))
-        for label, t in (("fwd", fwd), ("fwd+bwd", fb)):
-            ratios = " ".join(f"{key}/ours={t[key] / t['ours']:.2f}" for key in t if key != "ours")
-            times = " ".join(f"{key}={ms:.1f}ms" for key, ms in t.items())
-            print(f"{name:12s} {label:8s} {times} | {ratios}", flush=True)
+        with torch.no_grad():
+            fwd = _interleaved({key: fn for key, (fn, _) in runs.items()}, args.repeats)
+        _report(name, "fwd", fwd)
+        fb = _interleaved({key: _fwd_bwd(fn, grad) for key, (fn, grad) in runs.items()},
+                          max(args.repeats // 2, 1))
+        _report(name, "fwd+bwd", fb)
 
 
 if __name__ == "__main__":

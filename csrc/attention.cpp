@@ -3,7 +3,9 @@
 // Tensors are [B, T, heads, D] with a contiguous last dim (any other strides); fp16 / bf16
 // inputs are converted once to fp32 copies, every product and sum is fp32. A partial tile
 // carries a precomputed bool element mask [BM, BN] (tile_mask_index >= 0 points at it); a full
-// tile is used as is. Work items are claimed from an atomic counter, heaviest first, so uneven
+// tile is used as is. The forward multiplies each run of adjacent non-empty key tiles of a query
+// tile at once (up to kRunScores scores), so narrow tiles cost no more gemm calls than wide
+// ones. Work items are claimed from an atomic counter, heaviest first, so uneven
 // rows (causal) balance across threads.
 
 #include "blockmdm.h"
@@ -100,6 +102,15 @@ void scale_row(float* x, int64_t n, float a) {
   for (; j < n; ++j) x[j] *= a;
 }
 
+// Score elements of one run's [rows, keys] block: 256 KiB of fp32, kept in L2.
+constexpr int64_t kRunScores = int64_t(1) << 16;
+
+// Keys per run of adjacent tiles: a whole number of tiles, at least one, at most nK of them.
+int64_t run_width(int64_t rows, int64_t cols, int64_t n_tiles) {
+  const int64_t tiles = std::max<int64_t>(1, kRunScores / (rows * cols));
+  return std::min(tiles, std::max<int64_t>(n_tiles, 1)) * cols;
+}
+
 // Item indices 0..n-1 sorted by descending cost (stable).
 std::vector<int64_t> heaviest_first(const std::vector<int64_t>& cost) {
   std::vector<int64_t> order(cost.size());
@@ -188,32 +199,53 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   }
   const auto order = heaviest_first(cost);
 
+  // Adjacent non-empty key tiles of a query tile are multiplied as one run of up to W keys:
+  // fewer, wider gemm calls (each packs its operands once) and one softmax rescale per run.
+  const int64_t W = run_width(BM, BN, nK);
+
   run_items(order, at::get_num_threads(), [&](int64_t, int64_t item) {
     thread_local std::vector<float> scratch;
+    thread_local std::vector<const bool*> masks;
     const int64_t b = item / (nQ * H), m = (item / H) % nQ, h = item % H;
     const int64_t bm = Bm == 1 ? 0 : b;
     const int64_t r0 = m * BM, rm = std::min(BM, Tq - r0);
-    scratch.resize(BM * BN + BM * D + 2 * BM);
-    float* s = scratch.data();        // [BM, BN] scores, then probabilities
-    float* acc = s + BM * BN;         // [BM, D] unnormalised output
+    scratch.resize(BM * W + BM * D + 2 * BM);
+    masks.resize(W / BN);
+    float* s = scratch.data();        // [BM, W] scores, then probabilities
+    float* acc = s + BM * W;          // [BM, D] unnormalised output
     float* mx = acc + BM * D;         // [BM] running max
     float* sum = mx + BM;             // [BM] running sum of exp
     std::fill(acc, acc + rm * D, 0.f);
     std::fill(mx, mx + rm, kNegInf);
     std::fill(sum, sum + rm, 0.f);
     const float* qt = qp + b * qB + r0 * qT + h * qH;
+    const int32_t* tiles = idx + (bm * nQ + m) * nK;
+    const int32_t* tile_mask = tmi + (bm * nQ + m) * nK;
     const int64_t nk = cnt[bm * nQ + m];
-    for (int64_t t = 0; t < nk; ++t) {
-      const int64_t n = idx[(bm * nQ + m) * nK + t];
-      const int64_t c0 = n * BN, c = std::min(BN, Tk - c0);
+    for (int64_t t = 0; t < nk;) {
+      // The run: tiles n0 .. n0 + len - 1, listed one after another.
+      const int64_t n0 = tiles[t];
+      int64_t len = 1;
+      while (t + len < nk && tiles[t + len] == n0 + len && (len + 1) * BN <= W) ++len;
+      bool any_mask = false;
+      for (int64_t j = 0; j < len; ++j) {
+        const int32_t pm = tile_mask[n0 + j];
+        masks[j] = pm >= 0 ? tms + pm * BM * BN : nullptr;
+        any_mask |= pm >= 0;
+      }
+      t += len;
+      const int64_t c0 = n0 * BN, c = std::min(len * BN, Tk - c0);
       const float* kt = kp + b * kB + c0 * kT + (h / G) * kH;
       const float* vt = vp + b * vB + c0 * vT + (h / G) * vH;
-      gemm(true, false, c, rm, D, scale, kt, kT, qt, qT, 0.f, s, BN);  // s = scale Q K^T [rm, c]
-      const int32_t pm = tmi[(bm * nQ + m) * nK + n];
-      const bool* mask = pm >= 0 ? tms + pm * BM * BN : nullptr;
+      gemm(true, false, c, rm, D, scale, kt, kT, qt, qT, 0.f, s, W);  // s = scale Q K^T [rm, c]
       for (int64_t i = 0; i < rm; ++i) {
-        float* si = s + i * BN;
-        if (mask) apply_mask(si, mask + i * BN, c, kNegInf);
+        float* si = s + i * W;
+        if (any_mask) {
+          for (int64_t j = 0; j < len; ++j) {
+            if (masks[j] == nullptr) continue;
+            apply_mask(si + j * BN, masks[j] + i * BN, std::min(BN, c - j * BN), kNegInf);
+          }
+        }
         const float m_new = std::max(mx[i], row_max(si, 0, c));
         if (m_new == kNegInf) {  // nothing visible to this row yet
           std::fill(si, si + c, 0.f);
@@ -224,7 +256,7 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
         mx[i] = m_new;
         if (alpha != 1.f) scale_row(acc + i * D, D, alpha);
       }
-      gemm(false, false, D, rm, c, 1.f, vt, vT, s, BN, 1.f, acc, D);  // acc += P V [rm, D]
+      gemm(false, false, D, rm, c, 1.f, vt, vT, s, W, 1.f, acc, D);  // acc += P V [rm, D]
     }
     for (int64_t i = 0; i < rm; ++i) {
       const bool seen = sum[i] > 0.f;

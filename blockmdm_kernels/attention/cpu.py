@@ -39,6 +39,12 @@ NATIVE_K_TILE = 256
 # instead of a PARTIAL one that needs an element mask, which made jigsaw(64) at T=2048 about 2x
 # faster and its per-step mask cost (a fresh masked_blocks every step) negligible (measured).
 JIGSAW_TILE = (128, 64)
+# bd3's x_t rows see their own x_t block and x_0's blocks before theirs: at 64 x 64 tiles a
+# block size that is a multiple of 64 leaves no partial tile, where 256 x 256 tiles compute ~40%
+# more scores (at bd3(64), T = 2 x 1024). The forward multiplies a run of adjacent tiles in one
+# gemm, so the narrow tiles cost no extra calls: bd3(64) forward and forward + backward both got
+# faster against SDPA with the dense mask (benchmarks/compare_attention_native.py, 2 threads).
+BD3_TILE = (64, 64)
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_TILES_PER_CHUNK = 256  # partial tiles whose element masks are evaluated at once
 
@@ -143,6 +149,8 @@ def native_tile_sizes(spec: MaskSpec):
     """(query tile, key tile) of the native kernels for this mask."""
     if spec.kind == "jigsaw":
         return min(NATIVE_Q_TILE, JIGSAW_TILE[0]), min(NATIVE_K_TILE, JIGSAW_TILE[1])
+    if spec.kind == "bd3":
+        return min(NATIVE_Q_TILE, BD3_TILE[0]), min(NATIVE_K_TILE, BD3_TILE[1])
     return NATIVE_Q_TILE, NATIVE_K_TILE
 
 

@@ -127,6 +127,19 @@ def test_block_attention_native_fp32(case, tiles, native, monkeypatch):
     assert spy.calls == ["attention_fwd", "attention_bwd"]
 
 
+@pytest.mark.parametrize("make", [lambda: masks.bd3(16, prefix=5), lambda: masks.causal(),
+                                  lambda: masks.jigsaw(8, _mb(1, 75), prefix=4)],
+                         ids=["bd3", "causal", "jigsaw"])
+def test_block_attention_native_long_runs(make, native, monkeypatch):
+    # 256-row tiles of 8 keys: the forward's runs of adjacent tiles stop at 256 keys, so a row
+    # of 600 keys takes several runs, full and partial tiles mixed.
+    monkeypatch.setattr(cpu, "NATIVE_Q_TILE", 256)
+    monkeypatch.setattr(cpu, "NATIVE_K_TILE", 8)
+    monkeypatch.setattr(cpu, "JIGSAW_TILE", (256, 8))
+    monkeypatch.setattr(cpu, "BD3_TILE", (256, 8))
+    _check_against_reference(("runs", make, 1, 600, 604, 2, 1, 16), torch.float32, monkeypatch)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", [c for c in ALL if c[0] in SMALL], ids=SMALL)
 def test_block_attention_native_reduced_precision(case, dtype, native, monkeypatch):

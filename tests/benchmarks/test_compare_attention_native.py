@@ -1,0 +1,16 @@
+"""benchmarks/compare_attention_native.py --smoke: every spec prints its fwd and fwd+bwd rows."""
+
+import sys
+
+from benchmarks import compare_attention_native
+
+
+def test_smoke_prints_every_ratio(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["compare_attention_native.py", "--smoke"])
+    compare_attention_native.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("threads=")
+    rows = [ln.split()[:2] for ln in lines[1:]]
+    assert rows == [[s, p] for s in ("block_causal", "bd3", "full", "causal")
+                    for p in ("fwd", "fwd+bwd")]
+    assert all("sdpa_dense/ours=" in ln for ln in lines[1:])
