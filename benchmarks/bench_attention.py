@@ -11,7 +11,6 @@ beforehand (the random draw is not timed): our spec and its tile map, SDPA's den
 FlexAttention's block mask. As a pytest-benchmark module it times small shapes.
 """
 
-import contextlib
 import itertools
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from benchmarks.common import (  # noqa: E402
     arg_parser,
     bench,
     bench_interleaved,
+    num_threads,
     parse_args,
     sync,
 )
@@ -145,17 +145,6 @@ def _per_block(q, k, v, spec):
     loop = block_causal_loop if spec.kind == "block_causal" else bd3_loop
     return lambda: loop(q, k, v, spec.block_size)
 
-
-@contextlib.contextmanager
-def num_threads(n):
-    """torch's CPU thread count set to ``n`` inside the block (None: unchanged)."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _flex(q, k, v, spec, block, B, T, device):

@@ -20,7 +20,6 @@ memory is what ``benchmarks.common.peak_memory`` reports beyond the inputs. As a
 pytest-benchmark module it times small shapes.
 """
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from benchmarks.common import (  # noqa: E402
     Report,
     arg_parser,
     bench_interleaved,
+    num_threads,
     parse_args,
     peak_memory,
 )
@@ -53,17 +53,6 @@ CONFIGS = {
     "smoke": (64, 32, 100, torch.float32),
 }
 
-
-@contextlib.contextmanager
-def num_threads(n):
-    """torch's CPU thread count set to ``n`` inside the block (None: unchanged)."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def has_torch_linear_ce() -> bool:

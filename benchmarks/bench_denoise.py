@@ -17,7 +17,6 @@ the copy bandwidth (clone of a 2 GiB tensor, read + write) is measured in the sa
 step's GB/s is reported as a share of it. As a pytest-benchmark module it times small shapes.
 """
 
-import contextlib
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from benchmarks.common import (  # noqa: E402
     arg_parser,
     bench,
     bench_interleaved,
+    num_threads,
     parse_args,
     peak_memory,
 )
@@ -63,17 +63,6 @@ CONFIGS = {
 METHODS = ("ours", "plain fp64", "plain fp32", "amax")
 LABELS = {"ours": "step", "plain fp64": "plain fp64", "plain fp32": "plain fp32", "amax": "amax"}
 
-
-@contextlib.contextmanager
-def num_threads(n):
-    """torch's CPU thread count set to ``n`` inside the block (None: unchanged)."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _thread_ticks() -> dict:

@@ -16,7 +16,6 @@ at torch's default thread count (the headline columns) and at one thread
 cores; a 17-clue puzzle solved in < 10 ms. As a pytest-benchmark module it times small cases.
 """
 
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ if __name__ == "__main__":
 
 from blockmdm.tasks import sudoku  # noqa: E402
 
-from benchmarks.common import Report, arg_parser, bench, parse_args  # noqa: E402
+from benchmarks.common import Report, arg_parser, bench, num_threads, parse_args  # noqa: E402
 from blockmdm_kernels import _native  # noqa: E402
 
 HOLES = 51
@@ -54,17 +53,6 @@ TARGET_SOLVE_MS = 10.0
 SIZES = {"cpu": (20000, 5, tuple(HARD)), "quick": (2000, 2, ("royle17 #1",)),
          "smoke": (200, 1, ("royle17 #1",))}
 
-
-@contextlib.contextmanager
-def num_threads(n):
-    """torch's CPU thread count set to ``n`` inside the block (None: unchanged)."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def digits(puzzle: str) -> list:

@@ -11,6 +11,7 @@ run stopped half-way keeps the rows it finished.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import io
@@ -128,6 +129,18 @@ def bench_interleaved(fns: dict, device: str, rounds: int = 5) -> dict:
         for name, fn in fns.items():
             times[name].append(_timed(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's CPU thread count set to ``n`` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def peak_memory(fn, device: str) -> int:
