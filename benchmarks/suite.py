@@ -274,28 +274,40 @@ def plot_decode(out: Path) -> str:
     for r in rows:
         try:
             acc, tps = _number(r["accuracy"]), _number(r["tokens_per_s"])
+            per_call = _number(r.get("tokens_per_call", "")) or 1.0
         except ValueError:
             continue
         if acc is not None and tps is not None:
-            points.append((r.get("task", ""), r["strategy"], acc, tps))
+            panel = r.get("task", "") + (f", batch {r['batch']}" if r.get("batch") else "")
+            points.append((panel, r.get("family") or r["strategy"], acc, tps, per_call > 1.01))
     if not points:
         return "No decoding plot: decode.csv has no row with both accuracy and tokens_per_s."
     plt = _pyplot()
-    tasks = list(dict.fromkeys(p[0] for p in points))
-    strategies = list(dict.fromkeys(p[1] for p in points))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for i, strategy in enumerate(strategies):
-            mine = [p for p in points if p[0] == task and p[1] == strategy]
-            if mine:
-                ax.scatter([p[2] for p in mine], [p[3] for p in mine], color=f"C{i % 10}",
-                           marker="os^vD<>px*"[i % 10], label=strategy)
+    # one panel per (task, batch); colour: family (or strategy); filled triangle: more than one
+    # token per model call, open circle: one
+    panels = list(dict.fromkeys(p[0] for p in points))
+    groups = list(dict.fromkeys(p[1] for p in points))
+    cols = min(len(panels), 2)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4.2 * nrows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, panel in zip(flat, panels):
+        for i, group in enumerate(groups):
+            for parallel in (False, True):
+                mine = [p for p in points if p[0] == panel and p[1] == group and p[4] == parallel]
+                if mine:
+                    ax.scatter([p[2] for p in mine], [p[3] for p in mine], color=f"C{i % 10}",
+                               marker="^" if parallel else "o",
+                               facecolors=f"C{i % 10}" if parallel else "none",
+                               label=f"{group}{' (k > 1)' if parallel else ''}")
         ax.set_yscale("log")
         ax.set_xlabel("accuracy")
         ax.set_ylabel("decoding tokens/s")
-        ax.set_title(task or "decoding")
+        ax.set_title(panel or "decoding")
         ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / DECODE_PLOT, dpi=120)
     plt.close(fig)
