@@ -15,6 +15,18 @@ import math
 # and decodes one token per model call (decode_steps_per_block = block size).
 _CPU = dict(threads=1, min_lr_ratio=0.1)
 
+
+def _cpu_pathfind(n_eval: int) -> dict:
+    """Path finding at CPU scale (tiny and small): 2 arms of 3 nodes out of 8 node ids, the
+    answer in one block (block size = path length; see the tiny preset's note)."""
+    return dict(task="pathfind", block_size=3,
+                task_params={"n_nodes": 8, "degree": 2, "path_len": 3},
+                train=dict(steps=2000, batch_size=64, lr=3e-3, warmup=100, n_train=100000,
+                           n_eval=n_eval, eval_every=250, checkpoint_every=250,
+                           decode_steps_per_block=3,
+                           model={"n_layer": 2, "dim": 64, "n_head": 4}, **_CPU))
+
+
 STUDY_PRESETS = {
     # A smoke test of the whole pipeline in seconds; it trains too little to show anything.
     "micro": {
@@ -50,12 +62,7 @@ STUDY_PRESETS = {
     "tiny": {
         "train_preset": "tiny", "seeds": 1,
         "entries": {
-            "pathfind": dict(task="pathfind", block_size=3,
-                             task_params={"n_nodes": 8, "degree": 2, "path_len": 3},
-                             train=dict(steps=2000, batch_size=64, lr=3e-3, warmup=100,
-                                        n_train=100000, n_eval=200, eval_every=250,
-                                        checkpoint_every=250, decode_steps_per_block=3,
-                                        model={"n_layer": 2, "dim": 64, "n_head": 4}, **_CPU)),
+            "pathfind": _cpu_pathfind(n_eval=200),
             "sudoku": dict(task="sudoku", block_size=9,
                            task_params={"difficulty": 0.0},
                            train=dict(steps=300, batch_size=32, lr=2e-3, warmup=30,
@@ -71,19 +78,15 @@ STUDY_PRESETS = {
         },
     },
     # Three seeds. Path finding as in tiny. Sudoku gets the largest share of the budget, at the
-    # generator's easiest level (25 blanks): one run at a time on one thread, mdm's cell accuracy only rose from chance
-    # (0.11) to 0.17 in 600 steps, so solved puzzles are not expected at this scale. Linear
-    # regression in 4-d, where (one run at a time, these settings, an 800-step schedule) mdm
-    # stayed at the zero predictor's MSE (4.41) while ar fell to 2.22 by step 400.
+    # generator's easiest level (25 blanks): one run at a time on one thread, mdm's cell
+    # accuracy only rose from chance (0.11) to 0.17 in 600 steps, so solved puzzles are not
+    # expected at this scale. Linear regression in 4-d, where (one run at a time, these
+    # settings, an 800-step schedule) mdm stayed at the zero predictor's MSE (4.41) while ar
+    # fell to 2.22 by step 400.
     "small": {
         "train_preset": "small", "seeds": 3,
         "entries": {
-            "pathfind": dict(task="pathfind", block_size=3,
-                             task_params={"n_nodes": 8, "degree": 2, "path_len": 3},
-                             train=dict(steps=2000, batch_size=64, lr=3e-3, warmup=100,
-                                        n_train=100000, n_eval=256, eval_every=250,
-                                        checkpoint_every=250, decode_steps_per_block=3,
-                                        model={"n_layer": 2, "dim": 64, "n_head": 4}, **_CPU)),
+            "pathfind": _cpu_pathfind(n_eval=256),
             "sudoku": dict(task="sudoku", block_size=9,
                            task_params={"difficulty": 0.0},
                            train=dict(steps=600, batch_size=32, lr=2e-3, warmup=50,

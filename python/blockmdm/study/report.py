@@ -337,6 +337,14 @@ def _smooth(values: list, window: int) -> list:
     return out
 
 
+def _save(plt, fig, out: str, name: str) -> str:
+    """Writes ``fig`` to out/name and closes it; returns the name."""
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, name), dpi=110)
+    plt.close(fig)
+    return name
+
+
 def _plot(runs, entries, out) -> dict:
     import matplotlib
     matplotlib.use("Agg")
@@ -362,11 +370,7 @@ def _plot(runs, entries, out) -> dict:
         ax.set(title=f"{entry}: training loss (band: min–max over seeds)", xlabel="step",
                ylabel="loss", yscale="log")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"{entry}_loss.png"
-        fig.savefig(os.path.join(out, name), dpi=110)
-        plt.close(fig)
-        figures[(entry, "loss")] = name
+        figures[(entry, "loss")] = _save(plt, fig, out, f"{entry}_loss.png")
 
         metric = headline(task)
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -389,9 +393,5 @@ def _plot(runs, entries, out) -> dict:
         if not TASK_INFO[task]["higher"]:
             ax.set_yscale("log")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"{entry}_flops.png"
-        fig.savefig(os.path.join(out, name), dpi=110)
-        plt.close(fig)
-        figures[(entry, "flops")] = name
+        figures[(entry, "flops")] = _save(plt, fig, out, f"{entry}_flops.png")
     return figures
