@@ -46,8 +46,9 @@ is cut into blocks of ``block_size`` (the last one may be shorter); position ``p
     confidence to choose by it). The contract's models are not time-conditioned, so the hitting
     times themselves are not needed: only their order, which is uniform.
 ``jigsaw``
-    Each row picks, from one model call, the unfinished block whose masked positions have the
-    lowest mean entropy (mask token excluded), then fills that block left to right; the call
+    Each row picks, from one model call, the unfinished block whose first position has the
+    lowest entropy (mask token excluded; the only position of a block not yet started whose
+    input is what training showed it), then fills that block left to right; the call
     that picks a block also makes its first commit. Default: one position per step, so
     ``nfe = length``. With ``steps``, they are spread over the blocks in the order they are
     picked, ``k`` per step as for ``confidence``. Rows pick independently (each in the first
@@ -64,8 +65,9 @@ is cut into blocks of ``block_size`` (the last one may be shorter); position ``p
 Attention masks (``attention``): the mask the model was trained with. Defaults: ``ar`` ->
 ``causal``; ``confidence``, ``threshold``, ``ddpm`` -> ``full``; ``first_hitting`` ->
 ``block_causal`` (the block / BD3 families; BD3 decodes with the x_0 half as the KV cache);
-``jigsaw`` -> ``jigsaw`` with the blocks that still contain a mask as ``masked_blocks``;
-``scatter`` -> ``scatter``.
+``jigsaw`` -> ``jigsaw`` with the blocks that still contain a mask as ``masked_blocks``, whose
+positions then hold the token before them (:func:`blockmdm.families.jigsaw_inputs`: the jigsaw
+family's teacher-forced input); ``scatter`` -> ``scatter``.
 
 KV cache (``use_cache=True``): ``ar`` always; ``block_causal`` with a strategy that decodes the
 blocks in order: finished blocks are cached and never recomputed. A call sends only the current
@@ -86,6 +88,7 @@ from dataclasses import dataclass
 import torch
 
 import blockmdm_kernels as bk
+from blockmdm.families import jigsaw_inputs
 from blockmdm_kernels import masks
 
 __all__ = ["STRATEGIES", "DecodeResult", "decode"]
@@ -337,7 +340,10 @@ class _Run:
         elif self.attention == "scatter":
             spec = masks.scatter(self.bs, self.P)
         else:
-            spec = masks.jigsaw(self.bs, self.per_block(self.masked()) > 0, self.P)
+            unfinished = self.per_block(self.masked()) > 0
+            spec = masks.jigsaw(self.bs, unfinished, self.P)
+            inputs, _ = jigsaw_inputs(self.x, unfinished, self.bs, self.P, self.mask_id)
+            return self._call(inputs, spec, 0), 0
         return self._call(self.x, spec, 0), 0
 
     def commit(self, logits, start, lo, hi, active, **select):
@@ -406,9 +412,8 @@ class _Run:
             if bool(need.any()):
                 ent = _entropy(logits[:, lo - start:hi - start], self.mask_id)  # [B, L]
                 count = self.per_block(masked)
-                mean = torch.where(count > 0, self.per_block(torch.where(masked, ent, 0.0))
-                                   / count.clamp(min=1), math.inf)
-                new = mean.argmin(1)  # first index on ties
+                first = ent[:, ::self.bs]  # [B, n_blocks]: each block's first position
+                new = torch.where(count > 0, first, math.inf).argmin(1)  # first index on ties
                 pick = torch.where(need, new, pick)
                 m = torch.where(need, count[rows, new], m)
                 # Default: one position per step, so a block takes as many steps as it is long.

@@ -15,7 +15,11 @@ position for token tasks, the response y vectors for the continuous task (``targ
   the continuous task the output at x_i predicts y_i).
 - mdm: full attention; t ~ U[eps, 1] per sequence; each target masked with probability t.
 - block / scatter: the same corruption under the block_causal / scatter mask.
-- jigsaw: k = ceil(n_blocks * t) (at least one) whole blocks masked, jigsaw mask of those blocks.
+- jigsaw: k = ceil(n_blocks * t) (at least one) whole blocks masked, jigsaw mask of those blocks;
+  inside a masked block the targets are predicted left to right with teacher forcing: position
+  p holds the clean element p - 1 (the mask at the block's first position) and sees the
+  positions <= p of its block (:func:`jigsaw_inputs`), so a block decoded left to right sees
+  exactly what training showed it.
 - bd3: input [x_t | x_0]; t per block from U[beta, omega]; bd3 mask; loss on the x_t half; both
   halves get the RoPE positions 0..n-1.
 
@@ -216,6 +220,36 @@ def _mdm_like(kind):
     return corrupt
 
 
+def jigsaw_inputs(x: torch.Tensor, masked_blocks: torch.Tensor, block_size: int, prefix: int,
+                  mask_id: int = -1):
+    """Jigsaw's model input: inside each masked block, position p holds x[p - 1] and the block's
+    first position holds the mask (autoregressive teacher forcing within the block, which the
+    jigsaw mask's causal in-block part turns into next-element prediction at the target's own
+    position); the prompt and unmasked blocks hold x. Training shifts the clean sequence; the
+    decoder shifts its partly decoded one, so a block filled left to right is in distribution.
+
+    Args:
+        x: int64 [B, T] tokens or float [B, T, d] vectors.
+        masked_blocks: bool [B, n_blocks].
+        mask_id: the mask token (token inputs).
+    Returns:
+        (inputs like x, starts bool [B, T]: first positions of masked blocks, which hold
+        ``mask_id`` (tokens) or zeros and are flagged for the mask embedding (vectors)).
+    """
+    B, T = x.shape[:2]
+    blk = _block_index(T, prefix, block_size).to(x.device)
+    in_masked = masked_blocks.to(x.device)[:, blk.clamp(min=0)] & (blk >= 0)
+    first = (torch.arange(T, device=x.device) >= prefix) & \
+        ((torch.arange(T, device=x.device) - prefix) % block_size == 0)
+    starts = in_masked & first
+    shifted = torch.cat([x[:, :1], x[:, :-1]], 1)
+    if x.is_floating_point():
+        shifted = shifted.masked_fill(starts.unsqueeze(-1), 0.0)
+        return torch.where(in_masked.unsqueeze(-1), shifted, x), starts
+    shifted = shifted.masked_fill(starts, mask_id)
+    return torch.where(in_masked, shifted, x), starts
+
+
 def _corrupt_jigsaw(x, prefix, targetable, block_size, weighting, generator, mask_id,
                     continuous):
     B, T = x.shape[:2]
@@ -229,6 +263,9 @@ def _corrupt_jigsaw(x, prefix, targetable, block_size, weighting, generator, mas
     rate = k.float() / nb
     out = _finish(x, mask, rate[:, None].expand(B, T), "jigsaw", prefix, targetable, block_size,
                   weighting, mask_id, continuous, rate)
+    out.inputs, starts = jigsaw_inputs(x, masked_blocks, block_size, prefix, mask_id)
+    if continuous:
+        out.masked = starts
     out.masked_blocks = masked_blocks
     return out
 
@@ -317,10 +354,11 @@ class Family:
 
     def decode_order(self, prefix: int, targetable: torch.Tensor, block_size: int) -> list:
         """Groups of target positions filled together, in order, by one-forward-per-group
-        decoding of the continuous task (ar: one target at a time; mdm: all at once; block,
-        jigsaw, bd3: block by block; scatter: offset by offset)."""
+        decoding of the continuous task (ar, jigsaw: one target at a time, jigsaw left to right
+        inside each block; mdm: all at once; block, bd3: block by block; scatter: offset by
+        offset)."""
         pos = torch.nonzero(targetable).flatten()
-        if self.name == "ar":
+        if self.name in ("ar", "jigsaw"):
             return [p.view(1) for p in pos]
         if self.name == "mdm":
             return [pos]
@@ -391,14 +429,15 @@ def predict_vectors(family: Family, model, x, *, prefix: int, targetable, block_
             pred = model(x, mask=masks.causal())
             x[:, group] = pred[:, group - 1].to(x.dtype)
             continue
-        unfinished = None
+        unfinished, inputs = None, x
+        masked = todo.to(x.device).expand(B, T)
         if family.attention == "jigsaw":
             unfinished = torch.zeros(nb, dtype=torch.bool)
             unfinished[blk[todo & (blk >= 0)].unique()] = True
             unfinished = unfinished.to(x.device).expand(B, nb).contiguous()
+            inputs, masked = jigsaw_inputs(x, unfinished, block_size, prefix)
         spec = family.decode_spec(prefix, block_size, T, B, unfinished)
-        masked = todo.to(x.device).expand(B, T)
-        pred = model(x, mask=spec, masked=masked)
+        pred = model(inputs, mask=spec, masked=masked)
         x[:, group] = pred[:, group].to(x.dtype)
         todo[group.cpu()] = False
     return x, len(groups)

@@ -9,9 +9,11 @@ from blockmdm.families import (
     MGDM_ALPHA,
     family_loss,
     get_family,
+    jigsaw_inputs,
     predict_vectors,
 )
 from blockmdm.model import ModelConfig, Transformer
+from blockmdm_kernels import masks
 
 V, MASK = 11, 10
 P, R, BS = 6, 20, 4
@@ -75,11 +77,41 @@ def test_jigsaw_masks_whole_blocks():
     assert torch.equal(k, torch.round(batch.t * nb).long())  # t is the masked block fraction
     assert (k >= 1).all() and (k <= nb).all()
     blocks = torch.arange(T - P) // BS
-    masked = batch.inputs[:, P:] == MASK
-    assert torch.equal(masked, mb[:, blocks])
+    in_masked = mb[:, blocks]
+    assert torch.equal(batch.targets[:, P:] != -100, in_masked)
+    assert torch.equal(batch.targets[:, P:][in_masked], x[:, P:][in_masked])
+    # Teacher forcing inside masked blocks: a block's first position holds the mask, the others
+    # the clean token before them; the prompt and unmasked blocks are clean.
+    first = (torch.arange(T - P) % BS == 0).expand(B, -1)
+    inputs = batch.inputs[:, P:]
+    assert (inputs[in_masked & first] == MASK).all()
+    assert torch.equal(inputs[in_masked & ~first], x[:, P - 1:-1][in_masked & ~first])
+    assert torch.equal(inputs[~in_masked], x[:, P:][~in_masked])
+    assert torch.equal(batch.inputs[:, :P], x[:, :P])
     assert torch.equal(batch.spec().masked_blocks, mb)
     # Roughly uniform t -> the mean masked fraction is about (mean of ceil(6 t) / 6).
     assert abs(k.float().mean().item() / nb - 7 / 12) < 0.05
+
+
+def test_jigsaw_decoding_sees_what_training_showed():
+    """A masked block decoded left to right: with its first j tokens committed, the decoder's
+    input (jigsaw_inputs of the partly decoded sequence) gives the query at offset j exactly the
+    logits training computed there from the clean sequence."""
+    model = _model().double()
+    x = _tokens(6)
+    batch = get_family("jigsaw").corrupt(x, prefix=P, block_size=BS, generator=_gen(3),
+                                         mask_id=MASK)
+    mb = batch.masked_blocks
+    train = model(batch.inputs, mask=batch.spec())
+    offset = torch.arange(R) % BS
+    in_masked = mb[:, torch.arange(R) // BS]
+    for j in range(BS):
+        state = x.clone()
+        state[:, P:][in_masked & (offset >= j)] = MASK
+        inputs, _ = jigsaw_inputs(state, mb, BS, P, MASK)
+        dec = model(inputs, mask=masks.jigsaw(BS, mb, P))
+        at = in_masked & (offset == j)
+        torch.testing.assert_close(dec[:, P:][at], train[:, P:][at], rtol=1e-9, atol=1e-9)
 
 
 def test_bd3_doubles_the_sequence():
@@ -162,7 +194,6 @@ def test_mdlm_and_ar_references_by_hand():
     torch.testing.assert_close(family_loss(model, batch).double(), mdlm, rtol=1e-5, atol=1e-6)
 
     ar = get_family("ar").corrupt(x, prefix=P, block_size=BS, generator=_gen(), mask_id=MASK)
-    from blockmdm_kernels import masks
     logits = model(x, mask=masks.causal()).double()
     ref = F.cross_entropy(logits[:, P - 1:-1].flatten(0, 1), x[:, P:].flatten())
     torch.testing.assert_close(family_loss(model, ar).double(), ref, rtol=1e-5, atol=1e-6)
@@ -197,6 +228,15 @@ def test_continuous_corruption_and_mse(family):
         assert batch.masked is None
         sel = batch.weights > 0
         assert torch.equal(sel[0], torch.roll(targetable, -1))
+    elif family == "jigsaw":
+        # Masked blocks: targets in the loss; inputs shifted by one, the mask embedding at each
+        # masked block's first position.
+        in_masked = batch.masked_blocks[:, (torch.arange(T) - prefix).clamp(min=0) // 4] \
+            & (torch.arange(T) >= prefix)
+        assert torch.equal(batch.weights > 0, in_masked & targetable)
+        assert torch.equal(batch.masked, in_masked & ((torch.arange(T) - prefix) % 4 == 0))
+        keep = in_masked & ~batch.masked
+        assert torch.equal(batch.inputs[keep], x[:, :-1][keep[:, 1:]])
     else:
         m = batch.masked[:, :T]
         assert not (m & ~targetable).any()
@@ -208,7 +248,7 @@ def test_continuous_corruption_and_mse(family):
 
 
 @pytest.mark.parametrize("family, calls", [
-    ("ar", 4), ("mdm", 1), ("block", 2), ("bd3", 2), ("jigsaw", 2), ("scatter", 2),
+    ("ar", 4), ("mdm", 1), ("block", 2), ("bd3", 2), ("jigsaw", 4), ("scatter", 2),
 ])
 def test_predict_vectors_order(family, calls):
     x, prefix, targetable = _linreg()
