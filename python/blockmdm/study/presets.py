@@ -56,9 +56,10 @@ STUDY_PRESETS = {
     # of 3 nodes (source, middle, goal) out of 8 node ids. The block size is the path length,
     # so the answer is one block: with blocks of 2 (source and middle in the first block, the
     # goal in the second) block and scatter stayed at the 1/degree shortcut in every seed tried
-    # (2000 steps, 2 and 4 layers) while mdm, jigsaw and bd3 solved every path; with one block
-    # of 3, block solved every path by step 1000 and jigsaw's accuracy swung between 0.01 and
-    # 0.37 (one seed each, one run at a time on one thread).
+    # (2000 steps, 2 and 4 layers) while mdm and bd3 solved every path; with one block of 3,
+    # block solved every path by step 1000 (one seed each, one run at a time on one thread).
+    # With one block, block attends like mdm and scatter and jigsaw see the answer left to
+    # right (docs: README, "The study").
     "tiny": {
         "train_preset": "tiny", "seeds": 1,
         "entries": {
