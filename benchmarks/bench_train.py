@@ -22,6 +22,8 @@ as long, [x_t | x_0]; its extra work shows as lower tokens/s). Each family train
 corrupted batch ("elbo" weighting); corruption is data loading and stays out of the timing.
 CPU: fp32, the study's ``paper`` backbone (12 layers, dim 256). CUDA: bf16 autocast with fp32
 weights, a ~125M backbone (12 layers, dim 768, 12 heads; 85M without the embedding and head).
+The ``FLOP ceiling`` column is plain's matmul FLOPs over ours (:func:`flop_ceiling`): how much
+faster ours could be from skipping work alone, whatever its kernels' speed.
 As a pytest-benchmark module it times one small step.
 """
 
@@ -37,6 +39,7 @@ if __name__ == "__main__":
 
 from blockmdm.families import FAMILIES, family_loss, get_family  # noqa: E402
 from blockmdm.model import ModelConfig, Transformer  # noqa: E402
+from blockmdm.study.flops import forward_flops, sequence_flops  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     Report,
@@ -169,6 +172,26 @@ def train_step(model, opt, batch, loss_fn, autocast: bool):
     return loss
 
 
+def flop_ceiling(model: Transformer, batch) -> float:
+    """Plain's matmul FLOPs of one step over ours (``blockmdm.study.flops.sequence_flops``): ours
+    attends over the mask's visible pairs and projects the loss rows; plain computes every
+    (query, key) pair (a dense boolean mask or none; ar's ``is_causal`` SDPA skips the pairs
+    above the diagonal, so those count as ours) and the logits of every position."""
+    config = model.config
+    ours = sequence_flops(config, batch)
+    plain = sequence_flops(config, batch, dense_attention=batch.spec().kind != "causal",
+                           full_readout=True)
+    return plain / ours
+
+
+def attention_share(backbone: dict, T: int, V: int) -> float:
+    """Fraction of a full-attention step's matmul FLOPs (every pair, logits on every position)
+    that its attention takes, at length T."""
+    config = ModelConfig(vocab_size=V, mask_id=V - 1, max_len=T, **backbone)
+    total = forward_flops(config, n_positions=T, visible_pairs=T * T, n_readout=T)
+    return 1 - forward_flops(config, n_positions=T, visible_pairs=0, n_readout=T) / total
+
+
 def implementations(flex: bool) -> dict:
     impls = {"ours": family_loss, "plain": plain_loss}
     if flex:
@@ -195,6 +218,7 @@ def measure(model, opt, family, shape, device, memory: bool, flex: bool, ar_tok_
     for name in fns:
         if name != "ours":
             row[f"ours vs {name}"] = ms[name] / ms["ours"]
+    row["FLOP ceiling"] = flop_ceiling(model, batch)
     if family == "ar":
         ar_tok_s.update({name: row[f"{name} tok/s"] for name in fns})
     for name in ("ours", "plain"):
@@ -217,8 +241,10 @@ def measure(model, opt, family, shape, device, memory: bool, flex: bool, ar_tok_
     return row
 
 
-def summary(rows, device: str) -> str:
-    """The issue's targets checked on the rows of this run."""
+def summary(rows, device: str, attention_share: float | None = None) -> str:
+    """The issue's targets checked on the rows of this run; ``attention_share``: the part of a
+    full-attention step's matmul FLOPs that attention takes at the headline length, which the
+    FLOP-ceiling sentence quotes."""
     lines = []
     head_T = 2048 if device == "cuda" else 512
     at = [r for r in rows if r["T"] == head_T]
@@ -229,6 +255,14 @@ def summary(rows, device: str) -> str:
         flex = f", {r['ours vs flex']:.2f}x flex" if "ours vs flex" in r else ""
         lines.append(f"- {r['family']}: ours {r['ours vs plain']:.2f}x plain{flex}; ours/ar "
                      f"{r['ours / ar tok/s']:.2f}, plain/ar {r['plain / ar tok/s']:.2f}")
+    if "FLOP ceiling" in at[0]:
+        share = "" if attention_share is None else (
+            f"attention is {attention_share:.0%} of a full-attention step's matmul FLOPs, so ")
+        ceilings = ", ".join(f"{r['family']} {r['FLOP ceiling']:.2f}x" for r in at)
+        lines.append(f"\nFLOP ceiling at T = {head_T}: {share}skipping the pairs a mask hides "
+                     f"(and the logits outside the loss) can make ours at most {ceilings} "
+                     "plain in matmul FLOPs, however fast its attention kernel; only the "
+                     "uncounted softmax and mask work over the skipped pairs can add to that.")
     return "\n".join(lines)
 
 
@@ -268,9 +302,12 @@ def main(argv=None):
         + ". Every mask is built inside the step. Backbone: "
         f"{backbone['n_layer']} layers, dim {backbone['dim']}, {backbone['n_head']} heads. "
         "Tokens per step = B * T (bd3 included, whose input is 2T long). "
-        "`ours vs X` = X ms / ours ms; `/ ar tok/s` = tokens/s relative to ar with the same "
-        "implementation. Times are medians (CPU: one call of each implementation per round, "
-        "interleaved, after a warm-up; CUDA: see benchmarks/common.py); peak MB is "
+        "`ours vs X` = X ms / ours ms; `FLOP ceiling` = plain's matmul FLOPs / ours' "
+        "(blockmdm.study.flops.sequence_flops: ours attends over the visible pairs and projects "
+        "the loss rows, plain computes every pair, ar's is_causal excepted, and every logit), "
+        "the most ours can gain by skipping work; `/ ar tok/s` = tokens/s relative to ar with "
+        "the same implementation. Times are medians (CPU: one call of each implementation per "
+        "round, interleaved, after a warm-up; CUDA: see benchmarks/common.py); peak MB is "
         "`benchmarks.common.peak_memory` of one step"
         f"; {torch.get_num_threads()} torch thread(s)"
         + ("; the `1 thread` columns (T = 512 rows) time ours and plain on one thread."
@@ -279,7 +316,9 @@ def main(argv=None):
     report = Report("train", "Training throughput: blockmdm kernels vs plain PyTorch",
                     args.device, notes, args.out)
     run(args.device, size, report, one_thread=one_thread)
-    return report.close(summary(report.rows, args.device))
+    head = [shape for shape in SHAPES[size] if shape[0] == (2048 if args.device == "cuda" else 512)]
+    share = attention_share(backbone, *head[0][:2]) if head else None
+    return report.close(summary(report.rows, args.device, share))
 
 
 def test_train_step(benchmark):
