@@ -105,6 +105,20 @@ def test_main_smoke_writes_a_row_per_family(tmp_path):
     assert all(1.0 < ceiling[f] < ceiling["bd3"] for f in ("block", "jigsaw", "scatter"))
 
 
+def test_main_smoke_filters_families_and_times_position_order(tmp_path):
+    bt.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--families", "ar,jigsaw",
+             "--lengths", "163", "--position-order"])
+    with open(tmp_path / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["family"] for r in rows] == ["ar", "jigsaw"]
+    assert all(float(r["ours position order ms"]) > 0 for r in rows)
+    from blockmdm_kernels import attention
+
+    assert attention.UNMASKED_FIRST
+    with pytest.raises(ValueError, match="--families"):
+        bt.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--families", "gpt"])
+
+
 def test_flop_ceiling_counts_attention_over_visible_pairs():
     from blockmdm.study.flops import forward_flops
 
