@@ -27,7 +27,8 @@ weights, a ~125M backbone (12 layers, dim 768, 12 heads; 85M without the embeddi
 ``ours position order``: ours with jigsaw attending in position order (the CPU path's order
 before its unmasked blocks were moved first), timed interleaved with the others.
 The ``FLOP ceiling`` column is plain's matmul FLOPs over ours (:func:`flop_ceiling`): how much
-faster ours could be from skipping work alone, whatever its kernels' speed.
+faster skipping hidden pairs and unused logits can make ours, counted in matmul FLOPs, whatever
+its kernels' speed (the softmax and mask work over the skipped pairs is not counted).
 As a pytest-benchmark module it times one small step.
 """
 
