@@ -2,7 +2,8 @@
 blockmdm kernels against the same step written in plain PyTorch, on the same weights and batch.
 
     python benchmarks/bench_train.py [--device cpu|cuda] [--quick] [--smoke] [--out DIR]
-                                     [--threads N]
+                                     [--threads N] [--families F,..] [--lengths T,..]
+                                     [--position-order]
 
 Ours is ``family_loss`` (``bk.block_attention`` under the family's mask spec, then
 ``bk.linear_masked_cross_entropy`` on the hidden states). Plain is :func:`plain_loss`: the same
@@ -22,6 +23,12 @@ as long, [x_t | x_0]; its extra work shows as lower tokens/s). Each family train
 corrupted batch ("elbo" weighting); corruption is data loading and stays out of the timing.
 CPU: fp32, the study's ``paper`` backbone (12 layers, dim 256). CUDA: bf16 autocast with fp32
 weights, a ~125M backbone (12 layers, dim 768, 12 heads; 85M without the embedding and head).
+``--families`` / ``--lengths`` keep some rows only; ``--position-order`` adds a column
+``ours position order``: ours with jigsaw attending in position order (the CPU path's order
+before its unmasked blocks were moved first), timed interleaved with the others.
+The ``FLOP ceiling`` column is plain's matmul FLOPs over ours (:func:`flop_ceiling`): how much
+faster skipping hidden pairs and unused logits can make ours, counted in matmul FLOPs, whatever
+its kernels' speed (the softmax and mask work over the skipped pairs is not counted).
 As a pytest-benchmark module it times one small step.
 """
 
@@ -37,6 +44,7 @@ if __name__ == "__main__":
 
 from blockmdm.families import FAMILIES, family_loss, get_family  # noqa: E402
 from blockmdm.model import ModelConfig, Transformer  # noqa: E402
+from blockmdm.study.flops import forward_flops, sequence_flops  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     Report,
@@ -169,22 +177,56 @@ def train_step(model, opt, batch, loss_fn, autocast: bool):
     return loss
 
 
-def implementations(flex: bool) -> dict:
+def flop_ceiling(model: Transformer, batch) -> float:
+    """Plain's matmul FLOPs of one step over ours (``blockmdm.study.flops.sequence_flops``): ours
+    attends over the mask's visible pairs and projects the loss rows; plain computes every
+    (query, key) pair (a dense boolean mask or none; ar's ``is_causal`` SDPA skips the pairs
+    above the diagonal, so those count as ours) and the logits of every position."""
+    config = model.config
+    ours = sequence_flops(config, batch)
+    plain = sequence_flops(config, batch, dense_attention=batch.spec().kind != "causal",
+                           full_readout=True)
+    return plain / ours
+
+
+def attention_share(backbone: dict, T: int, V: int) -> float:
+    """Fraction of a full-attention step's matmul FLOPs (every pair, logits on every position)
+    that its attention takes, at length T."""
+    config = ModelConfig(vocab_size=V, mask_id=V - 1, max_len=T, **backbone)
+    total = forward_flops(config, n_positions=T, visible_pairs=T * T, n_readout=T)
+    return 1 - forward_flops(config, n_positions=T, visible_pairs=0, n_readout=T) / total
+
+
+def _position_order_loss(model, batch):
+    """family_loss with jigsaw attention in position order (no unmasked-first move)."""
+    from blockmdm_kernels import attention
+
+    attention.UNMASKED_FIRST = False
+    try:
+        return family_loss(model, batch)
+    finally:
+        attention.UNMASKED_FIRST = True
+
+
+def implementations(flex: bool, position_order: bool = False) -> dict:
     impls = {"ours": family_loss, "plain": plain_loss}
     if flex:
         impls["flex"] = lambda model, batch: plain_loss(model, batch, "flex")
+    if position_order:
+        impls["ours position order"] = _position_order_loss
     return impls
 
 
 def measure(model, opt, family, shape, device, memory: bool, flex: bool, ar_tok_s: dict,
-            one_thread_T: int | None = None):
+            one_thread_T: int | None = None, position_order: bool = False):
     """One report row: every implementation's step on one family's batch. ``one_thread_T``:
-    the length whose rows also time ours and plain on one CPU thread (None: no such columns)."""
+    the length whose rows also time ours and plain on one CPU thread (None: no such columns);
+    ``position_order``: also time ours with jigsaw in position order."""
     T, V, B, prefix, block_size = shape
     batch = make_batch(family, T, V, B, prefix, block_size, device)
     autocast = device == "cuda"
     fns = {name: (lambda fn=fn: train_step(model, opt, batch, fn, autocast))
-           for name, fn in implementations(flex).items()}
+           for name, fn in implementations(flex, position_order).items()}
     ms = bench_interleaved(fns, device)
     row = {"T": T, "V": V, "B": B, "family": family}
     for name in fns:
@@ -195,6 +237,7 @@ def measure(model, opt, family, shape, device, memory: bool, flex: bool, ar_tok_
     for name in fns:
         if name != "ours":
             row[f"ours vs {name}"] = ms[name] / ms["ours"]
+    row["FLOP ceiling"] = flop_ceiling(model, batch)
     if family == "ar":
         ar_tok_s.update({name: row[f"{name} tok/s"] for name in fns})
     for name in ("ours", "plain"):
@@ -217,8 +260,10 @@ def measure(model, opt, family, shape, device, memory: bool, flex: bool, ar_tok_
     return row
 
 
-def summary(rows, device: str) -> str:
-    """The issue's targets checked on the rows of this run."""
+def summary(rows, device: str, attention_share: float | None = None) -> str:
+    """The issue's targets checked on the rows of this run; ``attention_share``: the part of a
+    full-attention step's matmul FLOPs that attention takes at the headline length, which the
+    FLOP-ceiling sentence quotes."""
     lines = []
     head_T = 2048 if device == "cuda" else 512
     at = [r for r in rows if r["T"] == head_T]
@@ -227,13 +272,24 @@ def summary(rows, device: str) -> str:
     lines.append(f"At T = {head_T}: ours vs plain SDPA speed-up and tokens/s relative to ar.")
     for r in at:
         flex = f", {r['ours vs flex']:.2f}x flex" if "ours vs flex" in r else ""
-        lines.append(f"- {r['family']}: ours {r['ours vs plain']:.2f}x plain{flex}; ours/ar "
-                     f"{r['ours / ar tok/s']:.2f}, plain/ar {r['plain / ar tok/s']:.2f}")
+        ar = "" if r["ours / ar tok/s"] == "" else (  # no ar row in a filtered run
+            f"; ours/ar {r['ours / ar tok/s']:.2f}, plain/ar {r['plain / ar tok/s']:.2f}")
+        lines.append(f"- {r['family']}: ours {r['ours vs plain']:.2f}x plain{flex}{ar}")
+    if "FLOP ceiling" in at[0]:
+        share = "" if attention_share is None else (
+            f"attention is {attention_share:.0%} of a full-attention step's matmul FLOPs, so ")
+        ceilings = ", ".join(f"{r['family']} {r['FLOP ceiling']:.2f}x" for r in at)
+        lines.append(f"\nFLOP ceiling at T = {head_T}: {share}skipping the pairs a mask hides "
+                     f"(and the logits outside the loss) can make ours at most {ceilings} "
+                     "plain in matmul FLOPs, however fast its attention kernel; only the "
+                     "uncounted softmax and mask work over the skipped pairs can add to that.")
     return "\n".join(lines)
 
 
-def run(device: str, size: str, report: Report, families=FAMILIES, one_thread: bool = False):
-    """The rows of one run size; ``one_thread`` adds 1-thread columns at T = 512."""
+def run(device: str, size: str, report: Report, families=FAMILIES, one_thread: bool = False,
+        lengths=None, position_order: bool = False):
+    """The rows of one run size (``lengths``: only those T); ``one_thread`` adds 1-thread
+    columns at T = 512; ``position_order`` a column of ours with jigsaw in position order."""
     backbone = BACKBONES[size]
     # the profiler behind the CPU peak memory costs seconds per call: full runs only
     memory = size not in ("smoke", "quick") or device == "cuda"
@@ -241,17 +297,30 @@ def run(device: str, size: str, report: Report, families=FAMILIES, one_thread: b
     flex = device == "cuda" and size == "cuda"
     for shape in SHAPES[size]:
         T, V = shape[:2]
+        if lengths and T not in lengths:
+            continue
         model = make_model(backbone, V, T, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ar_tok_s = {}
         for family in families:
             report.add(measure(model, opt, family, shape, device, memory, flex, ar_tok_s,
-                               512 if one_thread else None))
+                               512 if one_thread else None, position_order))
         del model, opt
 
 
 def main(argv=None):
-    args = parse_args(arg_parser(__doc__), argv)
+    parser = arg_parser(__doc__)
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help="comma-separated families (default: all)")
+    parser.add_argument("--lengths", default="", help="comma-separated T (default: all)")
+    parser.add_argument("--position-order", action="store_true",
+                        help="also time ours with jigsaw attending in position order")
+    args = parse_args(parser, argv)
+    families = [f for f in args.families.split(",") if f]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"--families must name families of {FAMILIES}, got {unknown}")
+    lengths = [int(t) for t in args.lengths.split(",") if t]
     size = "smoke" if args.smoke else "quick" if args.quick else args.device
     backbone = BACKBONES[size]
     # the headline uses the default thread count, the CPU default run adds a 1-thread column
@@ -268,9 +337,12 @@ def main(argv=None):
         + ". Every mask is built inside the step. Backbone: "
         f"{backbone['n_layer']} layers, dim {backbone['dim']}, {backbone['n_head']} heads. "
         "Tokens per step = B * T (bd3 included, whose input is 2T long). "
-        "`ours vs X` = X ms / ours ms; `/ ar tok/s` = tokens/s relative to ar with the same "
-        "implementation. Times are medians (CPU: one call of each implementation per round, "
-        "interleaved, after a warm-up; CUDA: see benchmarks/common.py); peak MB is "
+        "`ours vs X` = X ms / ours ms; `FLOP ceiling` = plain's matmul FLOPs / ours' "
+        "(blockmdm.study.flops.sequence_flops: ours attends over the visible pairs and projects "
+        "the loss rows, plain computes every pair, ar's is_causal excepted, and every logit), "
+        "the most ours can gain in matmul FLOPs; `/ ar tok/s` = tokens/s relative to ar with "
+        "the same implementation. Times are medians (CPU: one call of each implementation per "
+        "round, interleaved, after a warm-up; CUDA: see benchmarks/common.py); peak MB is "
         "`benchmarks.common.peak_memory` of one step"
         f"; {torch.get_num_threads()} torch thread(s)"
         + ("; the `1 thread` columns (T = 512 rows) time ours and plain on one thread."
@@ -278,8 +350,11 @@ def main(argv=None):
     )
     report = Report("train", "Training throughput: blockmdm kernels vs plain PyTorch",
                     args.device, notes, args.out)
-    run(args.device, size, report, one_thread=one_thread)
-    return report.close(summary(report.rows, args.device))
+    run(args.device, size, report, families, one_thread=one_thread, lengths=lengths,
+        position_order=args.position_order)
+    head = [shape for shape in SHAPES[size] if shape[0] == (2048 if args.device == "cuda" else 512)]
+    share = attention_share(backbone, *head[0][:2]) if head else None
+    return report.close(summary(report.rows, args.device, share))
 
 
 def test_train_step(benchmark):

@@ -27,6 +27,12 @@ _SPEC_CACHE: OrderedDict = OrderedDict()
 _SPEC_CACHE_SIZE = 4
 _ORDER_CACHE: OrderedDict = OrderedDict()
 _ORDER_CACHE_SIZE = 8
+# Jigsaw orders (one per masked_blocks tensor and version): a step's layers share one, and with
+# it the permuted spec whose tile maps are built once per step.
+_JIGSAW_CACHE: OrderedDict = OrderedDict()
+_JIGSAW_CACHE_SIZE = 4
+# False runs jigsaw in position order on the CPU path too (benchmarks compare the two).
+UNMASKED_FIRST = True
 
 
 def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
@@ -64,11 +70,64 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
         mask = MaskSpec("block_causal", n_blocks, mask.prefix)
     else:
         inverse = None
+    rows = _unmasked_first(mask, Tq, Tk, backend)
+    if rows is not None:
+        # Jigsaw with its unmasked blocks moved before its masked ones, per batch row: the keys
+        # every query sees become one run of full tiles and a masked block's keys one diagonal
+        # tile, where in position order nearly every tile mixes both and needs element masks.
+        perm, inverse_rows, mask = rows
+        q, k, v = (_take_rows(x, perm) for x in (q, k, v))
     o, _ = _attention_fwd(
         q, k, v, KINDS.index(mask.kind), mask.block_size, mask.prefix, mask.q_offset,
         mask.seq_len or 0, mask.masked_blocks, mask.kv_lens, float(scale), backend,
     )
+    if rows is not None:
+        return _take_rows(o, inverse_rows)
     return o if inverse is None else o.index_select(1, inverse)
+
+
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, T, h, D] with its B * T positions reordered: out.view(B * T, h, D)[i] =
+    x.view(B * T, h, D)[rows[i]] (rows int64 [B * T])."""
+    B, T, h, D = x.shape
+    return x.reshape(B * T, h, D).index_select(0, rows).view(B, T, h, D)
+
+
+def _unmasked_first(mask: MaskSpec, Tq: int, Tk: int, backend: str):
+    """(perm, inverse, spec) for a jigsaw self-attention mask over whole blocks on the CPU
+    path: perm int64 [B * T] lists, per batch row, the prompt, the unmasked blocks and then the
+    masked blocks (each group in position order), offset by row * T into the flattened batch;
+    inverse undoes it; spec is the same mask in that order (jigsaw with every unmasked block
+    first). None for every other mask, and while compiling (the orders are cached by tensor
+    identity).
+
+    Only whole blocks keep the block boundaries where the spec puts them after the move.
+    """
+    P, bs = mask.prefix, mask.block_size
+    n = Tk - P
+    if (not UNMASKED_FIRST or mask.kind != "jigsaw" or backend != "cpu" or Tq != Tk
+            or mask.q_offset or mask.kv_lens is not None or n < 2 * bs or n % bs
+            or torch.compiler.is_compiling()):
+        return None
+    mb = mask.masked_blocks
+    key = (id(mb), mb._version, Tk, P, bs)
+    hit = _JIGSAW_CACHE.get(key)
+    if hit is not None and hit[0] is mb:
+        _JIGSAW_CACHE.move_to_end(key)
+        return hit[1]
+    B, n_blocks = mb.shape[0], n // bs
+    # A stable sort of the masked flags keeps each group in position order.
+    flags, order = torch.sort(mb[:, :n_blocks].to(torch.uint8), dim=1, stable=True)
+    within = torch.arange(bs, device=mb.device)
+    response = (order[:, :, None] * bs + within + P).reshape(B, n)
+    prompt = torch.arange(P, device=mb.device).expand(B, P)
+    perm = (torch.cat([prompt, response], 1)
+            + Tk * torch.arange(B, device=mb.device)[:, None]).reshape(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(B * Tk, device=mb.device)
+    spec = MaskSpec("jigsaw", bs, P, masked_blocks=flags.bool())
+    _put(_JIGSAW_CACHE, key, (mb, (perm, inverse, spec)), _JIGSAW_CACHE_SIZE)
+    return perm, inverse, spec
 
 
 def _offset_major(mask: MaskSpec, Tq: int, Tk: int, device):

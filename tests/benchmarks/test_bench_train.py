@@ -97,7 +97,41 @@ def test_main_smoke_writes_a_row_per_family(tmp_path):
         assert float(r["ours vs plain"]) == pytest.approx(
             float(r["plain ms"]) / float(r["ours ms"]), rel=1e-2)
     assert float(rows[0]["ours / ar tok/s"]) == pytest.approx(1.0)
-    assert "| bd3 |" in md.read_text()
+    assert "| bd3 |" in md.read_text() and "FLOP ceiling" in md.read_text()
+    ceiling = {r["family"]: float(r["FLOP ceiling"]) for r in rows}
+    # ar and mdm compute the same pairs as plain: only the logits outside the loss (V = 12)
+    # differ; the other masks hide pairs plain computes, bd3 the most
+    assert 1.0 <= ceiling["ar"] < 1.02 and 1.0 <= ceiling["mdm"] < 1.02
+    assert all(1.0 < ceiling[f] < ceiling["bd3"] for f in ("block", "jigsaw", "scatter"))
+
+
+def test_main_smoke_filters_families_and_times_position_order(tmp_path):
+    bt.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--families", "ar,jigsaw",
+             "--lengths", "163", "--position-order"])
+    with open(tmp_path / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["family"] for r in rows] == ["ar", "jigsaw"]
+    assert all(float(r["ours position order ms"]) > 0 for r in rows)
+    from blockmdm_kernels import attention
+
+    assert attention.UNMASKED_FIRST
+    with pytest.raises(ValueError, match="--families"):
+        bt.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--families", "gpt"])
+
+
+def test_flop_ceiling_counts_attention_over_visible_pairs():
+    from blockmdm.study.flops import forward_flops
+
+    model = bt.make_model(TINY, 13, 23, "cpu")
+    batch = bt.make_batch("block", 23, 13, 3, 5, 4, "cpu", seed=2)
+    dense = batch.spec().dense(23, 23)  # [1, T, T]: the block mask is the same for every row
+    pairs = float(dense.sum()) / dense.shape[0]
+    loss_rows = float((batch.weights > 0).sum()) / 3
+    ours = forward_flops(model.config, n_positions=23, visible_pairs=pairs, n_readout=loss_rows)
+    plain = forward_flops(model.config, n_positions=23, visible_pairs=23 * 23, n_readout=23)
+    assert bt.flop_ceiling(model, batch) == pytest.approx(plain / ours)
+    # attention under a 512-long full mask is about a quarter of the CPU backbone's step
+    assert 0.2 < bt.attention_share(bt.BACKBONES["cpu"], 512, 1000) < 0.3
 
 
 def test_summary_reports_the_headline_length():
@@ -108,6 +142,13 @@ def test_summary_reports_the_headline_length():
     text = bt.summary(rows, "cpu")
     assert "block: ours 1.50x plain; ours/ar 0.90, plain/ar 0.60" in text
     assert bt.summary(rows, "cuda") == ""
+    assert "FLOP ceiling" not in text
+    for r, ceiling in zip(rows, (1.0, 1.149)):
+        r["FLOP ceiling"] = ceiling
+    text = bt.summary(rows, "cpu", attention_share=0.241)
+    assert ("FLOP ceiling at T = 512: attention is 24% of a full-attention step's matmul FLOPs, "
+            "so skipping") in text
+    assert "at most ar 1.00x, block 1.15x plain in matmul FLOPs" in text
 
 
 def test_summary_names_flex_when_measured():

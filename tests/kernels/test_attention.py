@@ -263,6 +263,40 @@ def test_scatter_over_whole_blocks_runs_offset_major():
         assert _offset_major(ragged, 10, 10, "cpu") is None
 
 
+def test_jigsaw_over_whole_blocks_runs_unmasked_first():
+    from blockmdm_kernels import attention
+    from blockmdm_kernels.attention import _unmasked_first
+
+    mb = torch.tensor([[True, False, True, False], [False, False, False, True]])
+    spec = masks.jigsaw(3, mb, prefix=2)
+    perm, inverse, moved = _unmasked_first(spec, 14, 14, "cpu")
+    assert perm.tolist() == [0, 1, 5, 6, 7, 11, 12, 13, 2, 3, 4, 8, 9, 10,
+                             14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27]
+    assert torch.equal(perm[inverse], torch.arange(28))
+    assert moved.masked_blocks.tolist() == [[False, False, True, True],
+                                            [False, False, False, True]]
+    assert _unmasked_first(spec, 14, 14, "cpu")[2] is moved  # one order per step's mask
+    # In that order the mask is the moved spec's, row by row.
+    dense, moved_dense = spec.dense(14, 14), moved.dense(14, 14)
+    for b in range(2):
+        rows = perm[b * 14:(b + 1) * 14] - b * 14
+        assert torch.equal(dense[b][rows][:, rows], moved_dense[b])
+    # Ragged blocks, decoding, padding, other backends and the switch keep position order.
+    for other, Tq, Tk, backend in [
+        (masks.jigsaw(3, mb, prefix=3), 14, 14, "cpu"),
+        (masks.jigsaw(3, mb, prefix=2, q_offset=1), 13, 14, "cpu"),
+        (masks.jigsaw(3, mb, prefix=2, kv_lens=torch.tensor([14, 9])), 14, 14, "cpu"),
+        (spec, 14, 14, "triton"),
+        (masks.block_causal(3, prefix=2), 14, 14, "cpu"),
+    ]:
+        assert _unmasked_first(other, Tq, Tk, backend) is None
+    attention.UNMASKED_FIRST = False
+    try:
+        assert _unmasked_first(masks.jigsaw(3, mb.clone(), prefix=2), 14, 14, "cpu") is None
+    finally:
+        attention.UNMASKED_FIRST = True
+
+
 @pytest.fixture
 def count_tile_builds(monkeypatch):
     """Counts tile maps built from a spec (derived, coarsened maps are not builds)."""

@@ -66,6 +66,11 @@ EXTRA = [
     ("jigsaw_b9_batch3", lambda: masks.jigsaw(9, _mb(3, 23), prefix=1), 3, 200, 200, 2, 2, 16),
     ("bd3_b5_seq100_qoffset", lambda: masks.bd3(5, seq_len=100, q_offset=37), 1, 163, 200, 2, 1,
      32),
+    # Whole blocks: jigsaw runs with each row's unmasked blocks moved first (one row with every
+    # block masked, one with none, one random).
+    ("jigsaw_b5_whole_blocks", lambda: masks.jigsaw(5, torch.stack(
+        [torch.ones(9, dtype=torch.bool), torch.zeros(9, dtype=torch.bool), _mb(1, 9)[0]]),
+        prefix=7), 3, 52, 52, 4, 2, 16),
 ]
 ALL = CASES + EXTRA
 ALL_IDS = CASE_IDS + [c[0] for c in EXTRA]

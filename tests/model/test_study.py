@@ -4,6 +4,7 @@ import os
 import shlex
 
 import pytest
+import torch
 from blockmdm.cli import main
 from blockmdm.model import ModelConfig
 from blockmdm.study import (
@@ -17,6 +18,7 @@ from blockmdm.study import (
     run_study,
     step_flops,
 )
+from blockmdm.study.flops import sequence_flops
 from blockmdm.study.report import first_reach, summarise
 from blockmdm.train import TrainConfig, train
 
@@ -64,6 +66,22 @@ def test_step_flops_counts_visible_pairs_and_loss_positions():
                                      n_readout=n_targets)
     full_none = 3 * 4 * forward_flops(config, n_positions=T, visible_pairs=T * T, n_readout=0)
     assert full_none < mdm < full_all and mdm > step_flops(cfg)
+
+
+def test_sequence_flops_dense_attention_and_full_readout():
+    from blockmdm.families import get_family
+
+    config = ModelConfig(vocab_size=10, mask_id=9, n_layer=1, dim=32, n_head=2, intermediate=64)
+    x = torch.randint(0, 9, (3, 12))
+    batch = get_family("block").corrupt(x, prefix=2, block_size=5, weighting="elbo",
+                                        generator=torch.Generator().manual_seed(0), mask_id=9)
+    pairs = float(batch.spec().dense(12, 12).sum()) / batch.spec().dense(12, 12).shape[0]
+    loss_rows = float((batch.weights > 0).sum()) / 3
+    assert sequence_flops(config, batch) == pytest.approx(3 * forward_flops(
+        config, n_positions=12, visible_pairs=pairs, n_readout=loss_rows))
+    assert sequence_flops(config, batch, dense_attention=True, full_readout=True) == \
+        pytest.approx(3 * forward_flops(config, n_positions=12, visible_pairs=144, n_readout=12))
+    assert pairs < 144 and loss_rows < 12
 
 
 def test_affinity_of_synthetic_curves():

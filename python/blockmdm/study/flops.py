@@ -15,6 +15,10 @@ The backward pass of a matrix product costs two products of the same size (one p
 gradient), so a training step is 3x its forward pass. Families whose mask or loss positions are
 random (jigsaw's masked blocks, the diffusion families' masked targets) are counted by their
 mean over a fixed sample of corruptions, so the count is deterministic.
+
+:func:`sequence_flops` also counts the same step written with plain PyTorch ops
+(``dense_attention``: every (query, key) pair; ``full_readout``: logits on every position), which
+bounds how much faster than that the blockmdm kernels can be.
 """
 
 from __future__ import annotations
@@ -68,13 +72,32 @@ def step_flops(cfg, *, sample: int = 256) -> float:
         data.x, prefix=data.prefix, block_size=cfg.block_size, weighting=cfg.weighting,
         generator=torch.Generator().manual_seed(0), mask_id=data.mask_id,
         targetable=data.targetable)
+    return sequence_flops(config, batch) * cfg.batch_size
+
+
+def sequence_flops(config: ModelConfig, batch, *, dense_attention: bool = False,
+                   full_readout: bool = False) -> float:
+    """Training FLOPs (forward + backward) per sequence of a corrupted batch, averaged over its
+    rows.
+
+    Args:
+        config: the model's sizes.
+        batch: a family's corrupted batch (``inputs`` [B, T'], ``weights`` [B, T], ``spec()``).
+        dense_attention: count every (query, key) pair, as attention under a dense mask computes
+            whatever the mask hides; default: only the pairs the family's mask lets attend.
+        full_readout: project every position through the output head, as full logits do;
+            default: only the positions in the loss (the fused cross-entropy's rows).
+    """
     n_positions = batch.inputs.shape[1]
-    dense = batch.spec().dense(n_positions, n_positions, "cpu")
-    visible = float(dense.sum()) / dense.shape[0]
-    if config.input_dim:
+    if dense_attention:
+        visible = float(n_positions) ** 2
+    else:
+        dense = batch.spec().dense(n_positions, n_positions, "cpu")
+        visible = float(dense.sum()) / dense.shape[0]
+    if config.input_dim or full_readout:
         readout = float(n_positions)
     else:
         readout = float((batch.weights > 0).sum()) / batch.weights.shape[0]
     per_sequence = forward_flops(config, n_positions=n_positions, visible_pairs=visible,
                                  n_readout=readout)
-    return (1 + BACKWARD_FACTOR) * per_sequence * cfg.batch_size
+    return (1 + BACKWARD_FACTOR) * per_sequence
