@@ -132,6 +132,7 @@ def test_micro_study_pipeline_resume_and_jobs(tmp_path):
     assert "*1/degree (follow the source's edges)* | 0.5" in text
     assert "*zero predictor*" in text and "*least squares*" in text
     assert "Commit: `" in text
+    assert "8 finished runs in " in text and " min wall." in text
     # Strict JSON: "not reached" is null, never Infinity.
     saved = json.loads((out / "results.json").read_text(),
                        parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
@@ -148,6 +149,8 @@ def test_micro_study_pipeline_resume_and_jobs(tmp_path):
     assert set(again["outcomes"].values()) == {"skipped"}
     assert os.path.getmtime(out / "pathfind" / "mdm" / "seed1" / "metrics.jsonl") == stamp
     assert _finals(again) == _finals(results)
+    assert "8 finished runs; this invocation trained 0 of them in " in \
+        (out / "report.md").read_text()
 
     # Two worker processes give the same numbers.
     two = run_study("micro", str(tmp_path / "two"), jobs=2, **SMALL)

@@ -249,9 +249,17 @@ def markdown(results: dict, runs: list, figures: dict) -> str:
     lines = ["# Blockwise-locality study", ""]
     if results["preset"]:
         lines.append(f"Preset `{results['preset']}`.")
+    n_finished = len(runs) - len(unfinished)
+    # Runs trained by this invocation have their seconds; a resumed study trained only some.
+    trained = sum(r["seconds"] is not None for r in results["runs"])
+    wall = ""
+    if results["seconds"] and trained == n_finished:
+        wall = f" in {results['seconds'] / 60:.1f} min wall"
+    elif results["seconds"]:
+        wall = (f"; this invocation trained {trained} of them in "
+                f"{results['seconds'] / 60:.1f} min wall, the others were already finished")
     lines += [
-        f"{len(runs) - len(unfinished)} finished runs"
-        + (f" in {results['seconds'] / 60:.1f} min wall" if results["seconds"] else "")
+        f"{n_finished} finished runs" + wall
         + (f"; {len(unfinished)} not finished (left out of the tables)" if unfinished else "")
         + ".",
         "",
