@@ -189,6 +189,15 @@ def flop_ceiling(model: Transformer, batch) -> float:
     return plain / ours
 
 
+def ar_flop_ratio(model: Transformer, batch, shape, device) -> float:
+    """ar's matmul FLOPs per token of one step over this family's (both with the blockmdm
+    kernels): the most its tokens/s can reach relative to ar's (bd3 runs the backbone over
+    2T positions for T tokens, so about 0.5)."""
+    T, V, B, prefix, block_size = shape
+    ar = make_batch("ar", T, V, B, prefix, block_size, device)
+    return sequence_flops(model.config, ar) / sequence_flops(model.config, batch)
+
+
 def attention_share(backbone: dict, T: int, V: int) -> float:
     """Fraction of a full-attention step's matmul FLOPs (every pair, logits on every position)
     that its attention takes, at length T."""
@@ -238,6 +247,7 @@ def measure(model, opt, family, shape, device, memory: bool, flex: bool, ar_tok_
         if name != "ours":
             row[f"ours vs {name}"] = ms[name] / ms["ours"]
     row["FLOP ceiling"] = flop_ceiling(model, batch)
+    row["ar FLOP ratio"] = ar_flop_ratio(model, batch, shape, device)
     if family == "ar":
         ar_tok_s.update({name: row[f"{name} tok/s"] for name in fns})
     for name in ("ours", "plain"):
@@ -283,6 +293,10 @@ def summary(rows, device: str, attention_share: float | None = None) -> str:
                      f"(and the logits outside the loss) can make ours at most {ceilings} "
                      "plain in matmul FLOPs, however fast its attention kernel; only the "
                      "uncounted softmax and mask work over the skipped pairs can add to that.")
+    if "ar FLOP ratio" in at[0]:
+        ratios = ", ".join(f"{r['family']} {r['ar FLOP ratio']:.2f}" for r in at)
+        lines.append(f"\nar FLOP ratio at T = {head_T} (ar's matmul FLOPs per token over the "
+                     f"family's, the most `ours / ar tok/s` can reach in FLOPs): {ratios}.")
     return "\n".join(lines)
 
 
@@ -341,7 +355,8 @@ def main(argv=None):
         "(blockmdm.study.flops.sequence_flops: ours attends over the visible pairs and projects "
         "the loss rows, plain computes every pair, ar's is_causal excepted, and every logit), "
         "the most ours can gain in matmul FLOPs; `/ ar tok/s` = tokens/s relative to ar with "
-        "the same implementation. Times are medians (CPU: one call of each implementation per "
+        "the same implementation; `ar FLOP ratio` = ar's matmul FLOPs per token / the "
+        "family's (both ours), the most `ours / ar tok/s` can reach in FLOPs. Times are medians (CPU: one call of each implementation per "
         "round, interleaved, after a warm-up; CUDA: see benchmarks/common.py); peak MB is "
         "`benchmarks.common.peak_memory` of one step"
         f"; {torch.get_num_threads()} torch thread(s)"
