@@ -177,25 +177,26 @@ def train_step(model, opt, batch, loss_fn, autocast: bool):
     return loss
 
 
-def flop_ceiling(model: Transformer, batch) -> float:
+def flop_ceiling(model: Transformer, batch, ours: float | None = None) -> float:
     """Plain's matmul FLOPs of one step over ours (``blockmdm.study.flops.sequence_flops``): ours
     attends over the mask's visible pairs and projects the loss rows; plain computes every
     (query, key) pair (a dense boolean mask or none; ar's ``is_causal`` SDPA skips the pairs
-    above the diagonal, so those count as ours) and the logits of every position."""
+    above the diagonal, so those count as ours) and the logits of every position. ``ours``:
+    the batch's own count when already known."""
     config = model.config
-    ours = sequence_flops(config, batch)
+    ours = sequence_flops(config, batch) if ours is None else ours
     plain = sequence_flops(config, batch, dense_attention=batch.spec().kind != "causal",
                            full_readout=True)
     return plain / ours
 
 
-def ar_flop_ratio(model: Transformer, batch, shape, device) -> float:
-    """ar's matmul FLOPs per token of one step over this family's (both with the blockmdm
-    kernels): the most its tokens/s can reach relative to ar's (bd3 runs the backbone over
-    2T positions for T tokens, so about 0.5)."""
+def ar_flop_ratio(model: Transformer, ours: float, shape, device) -> float:
+    """ar's matmul FLOPs per token of one step over a family's (``ours``: its
+    ``sequence_flops``; both with the blockmdm kernels): the most its tokens/s can reach
+    relative to ar's (bd3 runs the backbone over 2T positions for T tokens, so about 0.5)."""
     T, V, B, prefix, block_size = shape
     ar = make_batch("ar", T, V, B, prefix, block_size, device)
-    return sequence_flops(model.config, ar) / sequence_flops(model.config, batch)
+    return sequence_flops(model.config, ar) / ours
 
 
 def attention_share(backbone: dict, T: int, V: int) -> float:
@@ -246,8 +247,9 @@ def measure(model, opt, family, shape, device, memory: bool, flex: bool, ar_tok_
     for name in fns:
         if name != "ours":
             row[f"ours vs {name}"] = ms[name] / ms["ours"]
-    row["FLOP ceiling"] = flop_ceiling(model, batch)
-    row["ar FLOP ratio"] = ar_flop_ratio(model, batch, shape, device)
+    ours_flops = sequence_flops(model.config, batch)
+    row["FLOP ceiling"] = flop_ceiling(model, batch, ours_flops)
+    row["ar FLOP ratio"] = ar_flop_ratio(model, ours_flops, shape, device)
     if family == "ar":
         ar_tok_s.update({name: row[f"{name} tok/s"] for name in fns})
     for name in ("ours", "plain"):
@@ -356,8 +358,9 @@ def main(argv=None):
         "the loss rows, plain computes every pair, ar's is_causal excepted, and every logit), "
         "the most ours can gain in matmul FLOPs; `/ ar tok/s` = tokens/s relative to ar with "
         "the same implementation; `ar FLOP ratio` = ar's matmul FLOPs per token / the "
-        "family's (both ours), the most `ours / ar tok/s` can reach in FLOPs. Times are medians (CPU: one call of each implementation per "
-        "round, interleaved, after a warm-up; CUDA: see benchmarks/common.py); peak MB is "
+        "family's (both ours), the most `ours / ar tok/s` can reach in FLOPs. Times are "
+        "medians (CPU: one call of each implementation per round, interleaved, after a "
+        "warm-up; CUDA: see benchmarks/common.py); peak MB is "
         "`benchmarks.common.peak_memory` of one step"
         f"; {torch.get_num_threads()} torch thread(s)"
         + ("; the `1 thread` columns (T = 512 rows) time ours and plain on one thread."
@@ -367,7 +370,8 @@ def main(argv=None):
                     args.device, notes, args.out)
     run(args.device, size, report, families, one_thread=one_thread, lengths=lengths,
         position_order=args.position_order)
-    head = [shape for shape in SHAPES[size] if shape[0] == (2048 if args.device == "cuda" else 512)]
+    head_T = 2048 if args.device == "cuda" else 512
+    head = [shape for shape in SHAPES[size] if shape[0] == head_T]
     share = attention_share(backbone, *head[0][:2]) if head else None
     return report.close(summary(report.rows, args.device, share))
 

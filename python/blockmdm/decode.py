@@ -331,6 +331,7 @@ class _Run:
             logits = self._call(self.x[:, start:hi], spec, start)
             self.fresh = self.block_range(block)[0]
             return logits, start
+        inputs = self.x
         if self.attention == "full":
             spec = masks.full()
         elif self.attention == "causal":
@@ -343,8 +344,7 @@ class _Run:
             unfinished = self.per_block(self.masked()) > 0
             spec = masks.jigsaw(self.bs, unfinished, self.P)
             inputs, _ = jigsaw_inputs(self.x, unfinished, self.bs, self.P, self.mask_id)
-            return self._call(inputs, spec, 0), 0
-        return self._call(self.x, spec, 0), 0
+        return self._call(inputs, spec, 0), 0
 
     def commit(self, logits, start, lo, hi, active, **select):
         """``bk.denoise_step`` on positions [lo, hi) with ``active`` bool [B, hi - lo]; ``select``
