@@ -125,8 +125,17 @@ def _run_study(args) -> int:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if args.plan and args.report_only:
         raise ValueError("--plan and --report-only exclude each other")
+    overrides = {}
+    for flag, value, fields in (("--steps", args.steps, ("steps",)),
+                                ("--eval-every", args.eval_every,
+                                 ("eval_every", "checkpoint_every"))):
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+            overrides.update(dict.fromkeys(fields, value))
     selection = dict(tasks=args.tasks, families=args.families, seeds=args.seeds,
-                     device=args.device, command="blockmdm " + shlex.join(args.argv))
+                     device=args.device, overrides=overrides or None,
+                     command="blockmdm " + shlex.join(args.argv))
     if args.plan:
         for line in plan(args.preset, args.out, **selection):
             print(line)
@@ -135,7 +144,7 @@ def _run_study(args) -> int:
     if args.report_only:
         build_report(args.out)
     else:
-        jobs = args.jobs or default_jobs()
+        jobs = args.jobs or default_jobs(args.device)
         run_study(args.preset, args.out, jobs=jobs, log=None if args.quiet else print,
                   stream=None if args.quiet else sys.stdout, **selection)
     print(f"report: {args.out}/report.md")
@@ -223,9 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument("--seeds", type=int, help="seeds per run (default: the preset's)")
     p.add_argument("--jobs", type=int,
-                   help="runs trained at once, one process and torch thread each "
-                        "(default: the number of cores)")
+                   help="runs trained at once, one process and torch thread each; on CUDA "
+                        "the workers take the visible GPUs in turn (default: one per GPU on "
+                        "CUDA, else the number of cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--steps", type=int,
+                   help="training steps of every run instead of the preset's (e.g. a short "
+                        "first pass of the paper preset; the report records it)")
+    p.add_argument("--eval-every", type=int,
+                   help="evaluate and checkpoint every N steps instead of the preset's")
     p.add_argument("--plan", action="store_true",
                    help="print one `blockmdm train` command per unfinished run (for a "
                         "scheduler) instead of training")

@@ -193,6 +193,37 @@ def test_plan_commands_then_report_only(tmp_path, capsys):
     assert "## linreg" in text and f"blockmdm study --preset micro --out {out}" in text
 
 
+def test_study_steps_and_eval_every_override_the_preset(tmp_path, capsys):
+    out = str(tmp_path / "study")
+    assert main(["study", "--preset", "paper", "--out", out, "--tasks", "pathfind",
+                 "--families", "ar", "--seeds", "1", "--device", "cpu", "--steps", "3000",
+                 "--eval-every", "500", "--plan"]) == 0
+    with open(os.path.join(out, "pathfind", "ar", "seed0", "config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["steps"], cfg["eval_every"], cfg["checkpoint_every"]) == (3000, 500, 500)
+    assert cfg["batch_size"] == 64 and cfg["preset"] == "paper"
+    # The same study without the override is another configuration: refused.
+    with pytest.raises(SystemExit):
+        main(["study", "--preset", "paper", "--out", out, "--tasks", "pathfind",
+              "--families", "ar", "--seeds", "1", "--device", "cpu", "--plan"])
+    assert "steps" in capsys.readouterr().err
+
+
+def test_report_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    out = str(tmp_path / "study")
+    run_study("micro", out, tasks=["linreg"], families=["ar"], seeds=1, jobs=1, log=None)
+    for name in os.listdir(out):
+        if name.endswith(".png"):
+            os.remove(os.path.join(out, name))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
+    build_report(out)
+    text = (tmp_path / "study" / "report.md").read_text()
+    assert "No figures: matplotlib is not installed" in text and ".png" not in text
+    assert not [n for n in os.listdir(out) if n.endswith(".png")]
+
+
 def test_report_only_without_runs(tmp_path):
     with pytest.raises(ValueError, match="no finished runs"):
         build_report(str(tmp_path))
@@ -213,12 +244,40 @@ def test_bad_arguments(tmp_path):
         plan_runs("tiny", "x", overrides={"stepz": 3})
 
 
+def test_runs_on_cuda_spread_over_the_visible_gpus(monkeypatch):
+    import multiprocessing as mp
+
+    from blockmdm.study import default_jobs
+    from blockmdm.study.runner import _init_worker, gpu_ids
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_ids(["cpu"]) == [] and default_jobs("cpu") >= 1
+    assert gpu_ids([None]) == ["0", "1", "2"] and default_jobs("cuda") == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7,GPU-a1")
+    assert gpu_ids(["cuda"]) == ["5", "7", "GPU-a1"]
+    # Worker processes take the GPUs in turn, each its own single visible device.
+    threads = torch.get_num_threads()
+    counter, seen = mp.get_context("spawn").Value("i", 0), []
+    try:
+        for _ in range(4):
+            _init_worker(None, counter, ["5", "7"])
+            seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == ["5", "7", "5", "7"]
+
+
 def test_cli_rejects_bad_study_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["study", "--jobs", "0"])
     assert "--jobs must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["study", "--plan", "--report-only"])
+    with pytest.raises(SystemExit):
+        main(["study", "--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--steps", "2"])
     assert "--task is required" in capsys.readouterr().err

@@ -38,6 +38,7 @@ from blockmdm.study.runner import (
     check_consistent,
     command_line,
     execute,
+    gpu_ids,
     plan_commands,
     plan_runs,
     run_state,
@@ -49,8 +50,12 @@ __all__ = ["FINDINGS", "STUDY_PRESETS", "TASK_INFO", "affinity", "build_report",
            "forward_flops", "plan", "plan_runs", "run_state", "run_study", "step_flops"]
 
 
-def default_jobs() -> int:
-    """The CPU cores this process may use."""
+def default_jobs(device: str | None = "cpu") -> int:
+    """Runs at once by default: one per GPU when runs with this ``device`` setting train on
+    CUDA (None: cuda when available), else one per CPU core this process may use."""
+    gpus = gpu_ids([device])
+    if gpus:
+        return len(gpus)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
@@ -69,14 +74,15 @@ def run_study(preset: str = "tiny", out: str = "runs/study", *, tasks=TASKS, fam
         out: the study folder.
         tasks, families: subsets to run.
         seeds: seeds per (entry, family); default the preset's.
-        jobs: runs trained at once, each in its own process; default the number of cores.
+        jobs: runs trained at once, each in its own process (on CUDA, the workers take the
+            visible GPUs in turn); default one per GPU on CUDA, else one per core.
         device: "cpu", "cuda" or None (train's default).
         overrides: TrainConfig fields applied to every run (e.g. {"steps": 10}).
         log: callable for one line per event (None: silent).
         stream: where the overall progress bar goes when it is a terminal (else: log lines).
         command: the command line recorded in the report (default: this process's).
     """
-    jobs = default_jobs() if jobs is None else jobs
+    jobs = default_jobs(device) if jobs is None else jobs
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     runs = plan_runs(preset, out, tasks=tasks, families=families, seeds=seeds, device=device,

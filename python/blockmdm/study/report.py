@@ -1,5 +1,5 @@
 """The study report: reads the run folders of a study and writes report.md, results.json and
-the figures (loss_curves.png, flops.png).
+the figures (<entry>_loss.png, <entry>_flops.png; without matplotlib the report says so).
 
 Only the run folders are read (run.json and metrics.jsonl), so the report is the same whether
 the runs came from ``blockmdm study`` or from a scheduler running ``blockmdm study --plan``'s
@@ -208,7 +208,14 @@ def build_report(out: str, *, seconds: float | None = None, timings: dict | None
             study = json.load(f)
     entries = summarise(runs)
     found = findings(entries)
-    figures = _plot(runs, entries, out)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        # matplotlib is a dependency of the package, but a source tree run on a bare machine
+        # (a GPU node) may lack it: the tables and results.json matter more than the pictures.
+        figures = None
+    else:
+        figures = _plot(runs, entries, out)
     results = {
         "preset": study.get("preset"), "command": study.get("command"), "commit": _commit(),
         "seconds": seconds, "entries": {
@@ -295,8 +302,11 @@ def markdown(results: dict, runs: list, figures: dict) -> str:
         for name, value in s["baselines"].items():
             lines.append(f"| *{name}* | {value:.4g} |" + " |" * (len(head) - 2))
         lines.append("")
+        if figures is None:
+            lines += ["No figures: matplotlib is not installed (`pip install matplotlib`, then "
+                      "`blockmdm study --report-only` draws them).", ""]
         for kind, title in (("loss", "training loss"), ("flops", f"{names[0]} vs training FLOPs")):
-            fig = figures.get((entry, kind))
+            fig = (figures or {}).get((entry, kind))
             if fig:
                 lines += [f"![{entry} {title}]({fig})", ""]
     if results["findings"]:

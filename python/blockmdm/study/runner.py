@@ -208,9 +208,35 @@ def plan_commands(runs: list, *, python: bool = False) -> list:
 _QUEUE = None
 
 
-def _init_worker(q) -> None:
+def on_cuda(device: str | None) -> bool:
+    """Whether a run with this ``device`` setting trains on a GPU (None: cuda when available)."""
+    import torch
+    return device == "cuda" or (device is None and torch.cuda.is_available())
+
+
+def gpu_ids(devices) -> list:
+    """The GPUs (``CUDA_VISIBLE_DEVICES`` names) that runs with these ``device`` settings share:
+    every visible GPU when one of them trains on CUDA, else []."""
+    import torch
+    if not any(on_cuda(d) for d in devices):
+        return []
+    count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    names = [n.strip() for n in visible.split(",") if n.strip()] if visible else []
+    return (names or [str(i) for i in range(count)])[:count]
+
+
+def _init_worker(q, counter=None, gpus=()) -> None:
+    """A worker process: one torch thread; with ``gpus``, the next GPU in turn (workers take
+    slots 0, 1, 2, ... from ``counter``), made its only visible device before CUDA starts, so
+    the runs of a study spread over the GPUs and each run's "cuda" is its worker's GPU."""
     global _QUEUE
     _QUEUE = q
+    if gpus:
+        with counter.get_lock():
+            slot = counter.value
+            counter.value += 1
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     import torch
     torch.set_num_threads(1)
 
@@ -303,8 +329,10 @@ def execute(runs: list, *, jobs: int = 1, log=print, stream=None) -> dict:
     if log is not None:
         skipped = len(runs) - len(todo)
         resumed = sum(1 for t in todo if t[2])
+        gpus = gpu_ids(run.cfg.device for _, run, _ in todo) if jobs > 1 else []
+        where = f" over {len(gpus)} GPU(s)" if gpus else ""
         log(f"{len(runs)} runs: {skipped} finished, {resumed} to resume, "
-            f"{len(todo) - resumed} to start; {min(jobs, max(1, len(todo)))} at a time")
+            f"{len(todo) - resumed} to start; {min(jobs, max(1, len(todo)))} at a time{where}")
     if not todo:
         return outcomes
     # Longest first, so the last runs to start are short ones.
@@ -331,9 +359,11 @@ def _size(cfg) -> int:
 def _parallel(todo, jobs, progress, outcomes):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
+    gpus = gpu_ids(run.cfg.device for _, run, _ in todo)
     by_future = {}
     with cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx,
-                                initializer=_init_worker, initargs=(q,)) as pool:
+                                initializer=_init_worker,
+                                initargs=(q, ctx.Value("i", 0), gpus)) as pool:
         for i, run, resume in todo:
             by_future[pool.submit(_execute, run.config, resume, i)] = (i, run)
         pending = set(by_future)
