@@ -131,7 +131,7 @@ def test_micro_study_pipeline_resume_and_jobs(tmp_path):
     assert "| mdm |" in text and "A (vs ar)" in text and "## vs the study" in text
     assert "*1/degree (follow the source's edges)* | 0.5" in text
     assert "*zero predictor*" in text and "*least squares*" in text
-    assert "Commit: `" in text
+    assert "Commit: `" in text and "One seed per run" not in text
     assert "8 finished runs in " in text and " min wall." in text
     # Strict JSON: "not reached" is null, never Infinity.
     saved = json.loads((out / "results.json").read_text(),
@@ -221,6 +221,7 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
     build_report(out)
     text = (tmp_path / "study" / "report.md").read_text()
     assert "No figures: matplotlib is not installed" in text and ".png" not in text
+    assert "One seed per run" in text
     assert not [n for n in os.listdir(out) if n.endswith(".png")]
 
 

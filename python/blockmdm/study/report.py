@@ -319,6 +319,10 @@ def markdown(results: dict, runs: list, figures: dict) -> str:
             lines += ["A finding marked *differ* does not show at this preset's scale (task "
                       "sizes, steps, seeds); the curves of its task above show where each "
                       "family stands.", ""]
+            if max(r["seed"] for r in results["runs"]) == 0:
+                lines += ["One seed per run: whether a small model learns a task or stays at "
+                          "a shortcut can depend on its seed, so a single run can land either "
+                          "way (`--seeds 3`, or the `small` preset, shows how often).", ""]
     lines += ["## Reproduce", "", f"Commit: `{results['commit']}`", ""]
     if results["command"]:
         lines += ["```", results["command"], "```", ""]
