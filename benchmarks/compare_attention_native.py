@@ -2,6 +2,7 @@
 
     python benchmarks/compare_attention_native.py [--threads N] [--T 2048] [--repeats 5]
     python benchmarks/compare_attention_native.py --smoke   # tiny shape, a few seconds
+    python benchmarks/compare_attention_native.py --shape sudoku --threads 1   # the study's
 
 Prints ms and ratios against SDPA is_causal (the work-equivalent floor), SDPA with the dense
 bool mask and, for full, SDPA without a mask; forward and forward + backward, fp32. The
@@ -70,6 +71,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--specs", default="block_causal,bd3,full,causal")
     parser.add_argument("--smoke", action="store_true", help="T=128, H=2, 2 repeats")
+    parser.add_argument("--shape", choices=("lm", "sudoku"), default="lm",
+                        help="lm: B=1, H=8, D=64, blocks of 64 (default); sudoku: the study's "
+                             "Sudoku runs, B=32, T=163, H=4, D=16, prompt 82, blocks of 9")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,6 +82,13 @@ def main():
         H, T, args.repeats = 2, 128, 2
     specs = {"block_causal": masks.block_causal(64), "bd3": masks.bd3(64),
              "full": masks.full(), "causal": masks.causal()}
+    if args.shape == "sudoku":
+        B, H, D, T = 32, 4, 16, 163
+        specs = {"block_causal": masks.block_causal(9, prefix=82),
+                 "scatter": masks.scatter(9, prefix=82), "full": masks.full(),
+                 "causal": masks.causal()}
+        if args.specs == parser.get_default("specs"):
+            args.specs = ",".join(specs)
     print(f"threads={torch.get_num_threads()} B={B} H={H} T={T} D={D} fp32")
     for name in args.specs.split(","):
         spec = specs[name]

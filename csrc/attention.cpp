@@ -2,8 +2,9 @@
 //
 // Tensors are [B, T, heads, D] with a contiguous last dim (any other strides); fp16 / bf16
 // inputs are converted once to fp32 copies, every product and sum is fp32. A partial tile
-// carries a precomputed bool element mask [BM, BN] (tile_mask_index >= 0 points at it); a full
-// tile is used as is. The forward multiplies each run of adjacent non-empty key tiles of a query
+// carries a precomputed additive fp32 element mask [BM, BN], 0 where visible and -inf where
+// hidden (tile_mask_index >= 0 points at it), added to its scores with vector adds; a full tile
+// is used as is. The forward multiplies each run of adjacent non-empty key tiles of a query
 // tile at once (up to kRunScores scores), so narrow tiles cost no more gemm calls than wide
 // ones. Work items are claimed from an atomic counter, heaviest first, so uneven
 // rows (causal) balance across threads.
@@ -90,9 +91,12 @@ void exp_sub(float* x, int64_t n, float sub) {
   for (; j < n; ++j) x[j] = std::exp(x[j] - sub);
 }
 
-// x[j] = mask[j] ? x[j] : fill
-void apply_mask(float* x, const bool* mask, int64_t n, float fill) {
-  for (int64_t j = 0; j < n; ++j) x[j] = mask[j] ? x[j] : fill;
+// x[j] += mask[j]: an additive mask, 0 (visible) or -inf (hidden).
+void add_mask(float* x, const float* mask, int64_t n) {
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size())
+    (Vec::loadu(x + j) + Vec::loadu(mask + j)).store(x + j);
+  for (; j < n; ++j) x[j] += mask[j];
 }
 
 void scale_row(float* x, int64_t n, float a) {
@@ -188,7 +192,7 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   const int32_t* cnt = kv_count.data_ptr<int32_t>();
   const int32_t* idx = kv_index.data_ptr<int32_t>();
   const int32_t* tmi = tile_mask_index.data_ptr<int32_t>();
-  const bool* tms = tile_masks.data_ptr<bool>();
+  const float* tms = tile_masks.data_ptr<float>();
 
   // Item (b, h, m), h fastest so neighbouring items share K/V of a batch row.
   const int64_t n_items = B * nQ * H;
@@ -205,7 +209,7 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
 
   run_items(order, at::get_num_threads(), [&](int64_t, int64_t item) {
     thread_local std::vector<float> scratch;
-    thread_local std::vector<const bool*> masks;
+    thread_local std::vector<const float*> masks;
     const int64_t b = item / (nQ * H), m = (item / H) % nQ, h = item % H;
     const int64_t bm = Bm == 1 ? 0 : b;
     const int64_t r0 = m * BM, rm = std::min(BM, Tq - r0);
@@ -243,7 +247,7 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
         if (any_mask) {
           for (int64_t j = 0; j < len; ++j) {
             if (masks[j] == nullptr) continue;
-            apply_mask(si + j * BN, masks[j] + i * BN, std::min(BN, c - j * BN), kNegInf);
+            add_mask(si + j * BN, masks[j] + i * BN, std::min(BN, c - j * BN));
           }
         }
         const float m_new = std::max(mx[i], row_max(si, 0, c));
@@ -307,7 +311,7 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
   const int32_t* cnt = q_count.data_ptr<int32_t>();
   const int32_t* idx = q_index.data_ptr<int32_t>();
   const int32_t* tmi = tile_mask_index.data_ptr<int32_t>();
-  const bool* tms = tile_masks.data_ptr<bool>();
+  const float* tms = tile_masks.data_ptr<float>();
 
   // Item (b, kv head, key tile n): owns dK/dV of its tile, summing its GQA group.
   const int64_t n_items = B * nK * Hkv;
@@ -337,15 +341,15 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
       const int64_t m = idx[(bm * nK + n) * nQ + t];
       const int64_t r0 = m * BM, rm = std::min(BM, Tq - r0);
       const int32_t pm = tmi[(bm * nQ + m) * nK + n];
-      const bool* mask = pm >= 0 ? tms + pm * BM * BN : nullptr;
+      const float* mask = pm >= 0 ? tms + pm * BM * BN : nullptr;
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
         const float* qt = qp + b * qB + r0 * qT + h * qH;
         const float* dot = dop + b * dB + r0 * dT + h * dH;
         gemm(true, false, c, rm, D, scale, kt, kT, qt, qT, 0.f, p, BN);  // scale Q K^T
         for (int64_t i = 0; i < rm; ++i) {
           float* pi = p + i * BN;
+          if (mask) add_mask(pi, mask + i * BN, c);  // hidden scores -> -inf -> p = 0
           exp_sub(pi, c, lp[(b * H + h) * Tq + r0 + i]);  // +inf lse (blind row) gives 0
-          if (mask) apply_mask(pi, mask + i * BN, c, 0.f);
         }
         gemm(false, true, D, c, rm, 1.f, dot, dT, p, BN, 1.f, dv_acc, D);  // dV += P^T dO
         gemm(true, false, c, rm, D, 1.f, vt, vT, dot, dT, 0.f, ds, BN);    // dP = dO V^T

@@ -19,8 +19,8 @@ namespace blockmdm {
 // Block-masked flash attention over a tile map (see blockmdm_kernels/attention/cpu.py).
 // q [B, Tq, H, D], k/v [B, Tk, Hkv, D] (fp32 / fp16 / bf16, contiguous last dim); kv_count
 // [Bm, nQ] / kv_index [Bm, nQ, nK] and q_count [Bm, nK] / q_index [Bm, nK, nQ] int32;
-// tile_mask_index int32 [Bm, nQ, nK] (-1 or the partial tile's row in tile_masks bool
-// [P, block_m, block_n]). Writes o (contiguous [B, Tq, H, D], q's dtype) and lse (contiguous
+// tile_mask_index int32 [Bm, nQ, nK] (-1 or the partial tile's row in tile_masks, fp32
+// [P, block_m, block_n], 0 where visible and -inf where hidden). Writes o (contiguous [B, Tq, H, D], q's dtype) and lse (contiguous
 // fp32 [B, H, Tq], natural log, +inf where no key is seen).
 void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& kv_count, const at::Tensor& kv_index,

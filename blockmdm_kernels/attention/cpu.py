@@ -15,9 +15,9 @@ every recomputed probability of it is 0 and so are its dQ and its share of dK/dV
 fp32 / fp16 / bf16 inputs take the native flash kernels of ``blockmdm_kernels._C`` when the
 extension is built (``BLOCKMDM_NO_NATIVE`` set to anything but 0, read per call, forces the torch
 path above). They walk the tile map of ``native_tile_sizes(spec)`` tiles themselves;
-each partial tile gets a bool element mask evaluated from the spec's predicate here, once per
-spec and shape (cached with the spec's tile maps), so full tiles are never masked and no dense
-Tq x Tk mask is built.
+each partial tile gets an additive fp32 element mask (0 visible, -inf hidden) evaluated from
+the spec's predicate here, once per spec and shape (cached with the spec's tile maps), so full
+tiles are never masked and no dense Tq x Tk mask is built.
 """
 
 from __future__ import annotations
@@ -138,8 +138,9 @@ def _last_dim_contiguous(x):
 
 
 def _native_tiles(spec: MaskSpec, Tq: int, Tk: int):
-    """(tile map, tile_mask_index int32 [Bm, nQ, nK], tile_masks bool [P, BM, BN]) for the
-    native kernels: each partial tile's element mask, -1 in the index for the other tiles."""
+    """(tile map, tile_mask_index int32 [Bm, nQ, nK], tile_masks float32 [P, BM, BN]) for the
+    native kernels: each partial tile's additive element mask (0 visible, -inf hidden), -1 in
+    the index for the other tiles."""
     bm_, bn_ = native_tile_sizes(spec)
     return spec.derived(("native", Tq, Tk, bm_, bn_),
                         lambda: _build_native_tiles(spec, Tq, Tk, bm_, bn_))
@@ -160,7 +161,7 @@ def _build_native_tiles(spec: MaskSpec, Tq: int, Tk: int, bm_: int, bn_: int):
     n_partial = int(partial.sum())
     index = torch.full(partial.shape, -1, dtype=torch.int32)
     index[partial] = torch.arange(n_partial, dtype=torch.int32)  # row-major, as nonzero() below
-    tile_masks = torch.zeros(n_partial, bm_, bn_, dtype=torch.bool)
+    tile_masks = torch.zeros(n_partial, bm_, bn_, dtype=torch.float32)
     b_i, m_i, n_i = partial.nonzero(as_tuple=True)
     # A sequence shorter than a tile fills only its own corner (the study's T ~ 163 in one
     # 256 x 256 tile): elements past the end are never read.
@@ -171,7 +172,8 @@ def _build_native_tiles(spec: MaskSpec, Tq: int, Tk: int, bm_: int, bn_: int):
         # Positions past the end repeat the last one: those elements are never read.
         qpos = (m_i[sl].view(-1, 1, 1) * bm_ + rows).clamp(max=Tq - 1) + spec.q_offset
         kpos = (n_i[sl].view(-1, 1, 1) * bn_ + cols).clamp(max=Tk - 1)
-        tile_masks[sl, :rq, :ck] = spec.visible(b_i[sl].view(-1, 1, 1), qpos, kpos, Tk)
+        hidden = ~spec.visible(b_i[sl].view(-1, 1, 1), qpos, kpos, Tk)
+        tile_masks[sl, :rq, :ck].masked_fill_(hidden, float("-inf"))
     return tm, index, tile_masks
 
 
