@@ -217,8 +217,9 @@ def test_native_kernels_write_every_output(native):
     lambda: masks.bd3(4, prefix=3),
 ], ids=["causal", "block_causal", "scatter", "jigsaw", "bd3"])
 def test_native_tile_masks_match_the_predicate(make, monkeypatch):
-    # The element masks of partial tiles, laid out again, equal the dense mask where the tile
-    # map is partial; full tiles are all visible and empty ones all hidden.
+    # The element masks of partial tiles (additive: 0 visible, -inf hidden), laid out again,
+    # equal the dense mask where the tile map is partial; full tiles are all visible and empty
+    # ones all hidden.
     monkeypatch.setattr(cpu, "NATIVE_Q_TILE", 16)
     monkeypatch.setattr(cpu, "NATIVE_K_TILE", 24)
     spec, Tq, Tk = make(), 50, 62
@@ -233,7 +234,9 @@ def test_native_tile_masks_match_the_predicate(make, monkeypatch):
                 state, i = int(tm.state[b, m, n]), int(index[b, m, n])
                 assert (i >= 0) == (state == masks.PARTIAL)
                 if i >= 0:
-                    assert torch.equal(tile_masks[i][:block.shape[0], :block.shape[1]], block)
+                    tile = tile_masks[i][:block.shape[0], :block.shape[1]]
+                    assert tile.dtype == torch.float32
+                    assert torch.equal(tile == 0, block) and bool((tile[~block] == float("-inf")).all())
                 else:
                     assert bool(block.all() if state == masks.FULL else ~block.any())
 
