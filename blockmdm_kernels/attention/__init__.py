@@ -60,7 +60,7 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     if backend == "reference" or q.numel() == 0 or Tk == 0:
         return reference.block_attention(q, k, v, mask, float(scale))
-    order = _offset_major(mask, Tq, Tk, q.device)
+    order = _offset_major(mask, Tq, Tk, q.device, _one_native_tile(backend, q.dtype, Tq, Tk))
     if order is not None:
         # Scatter over whole blocks is block_causal in offset-major order, where its visible
         # work falls into skippable tiles; attention commutes with permuting positions.
@@ -130,14 +130,22 @@ def _unmasked_first(mask: MaskSpec, Tq: int, Tk: int, backend: str):
     return perm, inverse, spec
 
 
-def _offset_major(mask: MaskSpec, Tq: int, Tk: int, device):
+def _one_native_tile(backend: str, dtype: torch.dtype, Tq: int, Tk: int) -> bool:
+    """Whether the native CPU kernels cover the whole score matrix with one tile, where no
+    order of the positions lets them skip anything (the study's short sequences)."""
+    return (backend == "cpu" and cpu.use_native(dtype)
+            and Tq <= cpu.NATIVE_Q_TILE and Tk <= cpu.NATIVE_K_TILE)
+
+
+def _offset_major(mask: MaskSpec, Tq: int, Tk: int, device, one_tile: bool = False):
     """(perm, inverse) int64 [Tk] putting the response in offset-major order (offset 0 of every
     block, then offset 1, ...), for a scatter mask whose response is whole blocks of self-
-    attention without padding; None for every other mask."""
+    attention without padding; None for every other mask, and where ``one_tile`` says the
+    reorder could skip nothing (its copies would be pure cost)."""
     P, bs = mask.prefix, mask.block_size
     n = Tk - P
     if (mask.kind != "scatter" or bs == 1 or Tq != Tk or mask.q_offset or mask.kv_lens is not None
-            or n < 2 * bs or n % bs):
+            or n < 2 * bs or n % bs or one_tile):
         return None
     key = (Tk, P, bs, str(device))
     hit = _ORDER_CACHE.get(key)

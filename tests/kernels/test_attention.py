@@ -263,6 +263,33 @@ def test_scatter_over_whole_blocks_runs_offset_major():
         assert _offset_major(ragged, 10, 10, "cpu") is None
 
 
+def test_scatter_reorders_only_where_the_native_tiles_can_skip(monkeypatch):
+    from blockmdm_kernels import _native
+    from blockmdm_kernels.attention import _one_native_tile, cpu
+
+    # One native tile covers a sequence of up to NATIVE_*_TILE positions: nothing to skip.
+    assert _one_native_tile("cpu", torch.float32, 163, 163) == _native.available()
+    assert not _one_native_tile("cpu", torch.float32, 300, 300)
+    assert not _one_native_tile("triton", torch.float32, 163, 163)
+    # Either way (reordered past one tile, in position order within one) forward and backward
+    # match float64.
+    for T, q_tile in ((300, cpu.NATIVE_Q_TILE), (300, 512)):
+        monkeypatch.setattr(cpu, "NATIVE_Q_TILE", q_tile)
+        monkeypatch.setattr(cpu, "NATIVE_K_TILE", q_tile)
+        torch.manual_seed(0)
+        spec = masks.scatter(7, prefix=13)  # 13 + 41 blocks of 7 = 300
+        q, k, v = (torch.randn(1, T, 2, 16, requires_grad=True) for _ in range(3))
+        q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+        g = torch.randn(1, T, 2, 16)
+        out = bk.block_attention(q, k, v, spec)
+        ref = reference.block_attention(q64, k64, v64, spec, 0.25)
+        assert_close_rel(out, ref, torch.float32)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        refs = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+        for name, a, b in zip("qkv", grads, refs):
+            assert_close_rel(a, b, torch.float32, name=f"d{name}")
+
+
 def test_jigsaw_over_whole_blocks_runs_unmasked_first():
     from blockmdm_kernels import attention
     from blockmdm_kernels.attention import _unmasked_first
