@@ -60,7 +60,7 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     if backend == "reference" or q.numel() == 0 or Tk == 0:
         return reference.block_attention(q, k, v, mask, float(scale))
-    order = _offset_major(mask, Tq, Tk, q.device, _one_native_tile(backend, q.dtype, Tq, Tk))
+    order = _offset_major(mask, Tq, Tk, q.device, backend, q.dtype)
     if order is not None:
         # Scatter over whole blocks is block_causal in offset-major order, where its visible
         # work falls into skippable tiles; attention commutes with permuting positions.
@@ -137,15 +137,15 @@ def _one_native_tile(backend: str, dtype: torch.dtype, Tq: int, Tk: int) -> bool
             and Tq <= cpu.NATIVE_Q_TILE and Tk <= cpu.NATIVE_K_TILE)
 
 
-def _offset_major(mask: MaskSpec, Tq: int, Tk: int, device, one_tile: bool = False):
+def _offset_major(mask: MaskSpec, Tq: int, Tk: int, device, backend: str = None, dtype=None):
     """(perm, inverse) int64 [Tk] putting the response in offset-major order (offset 0 of every
     block, then offset 1, ...), for a scatter mask whose response is whole blocks of self-
-    attention without padding; None for every other mask, and where ``one_tile`` says the
-    reorder could skip nothing (its copies would be pure cost)."""
+    attention without padding; None for every other mask, and where one native CPU tile covers
+    the sequence (the reorder could skip nothing there; its copies would be pure cost)."""
     P, bs = mask.prefix, mask.block_size
     n = Tk - P
     if (mask.kind != "scatter" or bs == 1 or Tq != Tk or mask.q_offset or mask.kv_lens is not None
-            or n < 2 * bs or n % bs or one_tile):
+            or n < 2 * bs or n % bs or _one_native_tile(backend, dtype, Tq, Tk)):
         return None
     key = (Tk, P, bs, str(device))
     hit = _ORDER_CACHE.get(key)

@@ -239,9 +239,7 @@ def jigsaw_inputs(x: torch.Tensor, masked_blocks: torch.Tensor, block_size: int,
     B, T = x.shape[:2]
     blk = _block_index(T, prefix, block_size).to(x.device)
     in_masked = masked_blocks.to(x.device)[:, blk.clamp(min=0)] & (blk >= 0)
-    first = (torch.arange(T, device=x.device) >= prefix) & \
-        ((torch.arange(T, device=x.device) - prefix) % block_size == 0)
-    starts = in_masked & first
+    starts = in_masked & ((torch.arange(T, device=x.device) - prefix) % block_size == 0)
     shifted = torch.cat([x[:, :1], x[:, :-1]], 1)
     if x.is_floating_point():
         shifted = shifted.masked_fill(starts.unsqueeze(-1), 0.0)

@@ -16,11 +16,17 @@ def dist_env():
     return rank, world, local
 
 
+def wants_cuda(choice: str | None) -> bool:
+    """Whether a run with the device setting ``choice`` trains on a GPU (None: cuda when
+    available)."""
+    return choice == "cuda" or (choice is None and torch.cuda.is_available())
+
+
 def pick_device(choice: str | None, local_rank: int = 0) -> torch.device:
     """``choice`` "cpu", "cuda" or None (cuda when available); one GPU per local rank."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
-    if choice == "cuda" or (choice is None and torch.cuda.is_available()):
+    if wants_cuda(choice):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -13,6 +13,7 @@ from blockmdm.families import (
     predict_vectors,
 )
 from blockmdm.model import ModelConfig, Transformer
+
 from blockmdm_kernels import masks
 
 V, MASK = 11, 10

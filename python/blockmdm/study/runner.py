@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 from blockmdm.families import FAMILIES
+from blockmdm.runtime import wants_cuda
 from blockmdm.study.presets import STUDY_PRESETS, headline
 from blockmdm.train import TASK_DEFAULTS, TASKS, TrainConfig, train
 
@@ -208,17 +209,11 @@ def plan_commands(runs: list, *, python: bool = False) -> list:
 _QUEUE = None
 
 
-def on_cuda(device: str | None) -> bool:
-    """Whether a run with this ``device`` setting trains on a GPU (None: cuda when available)."""
-    import torch
-    return device == "cuda" or (device is None and torch.cuda.is_available())
-
-
 def gpu_ids(devices) -> list:
     """The GPUs (``CUDA_VISIBLE_DEVICES`` names) that runs with these ``device`` settings share:
     every visible GPU when one of them trains on CUDA, else []."""
     import torch
-    if not any(on_cuda(d) for d in devices):
+    if not any(wants_cuda(d) for d in devices):
         return []
     count = torch.cuda.device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
@@ -326,10 +321,11 @@ def execute(runs: list, *, jobs: int = 1, log=print, stream=None) -> dict:
                      if r.get("split") == "train"]
             done_steps[i] = max(steps, default=0)
         todo.append((i, run, state == "partial"))
+    # Worker processes take these GPUs in turn (a single in-process run keeps the default one).
+    gpus = gpu_ids(run.cfg.device for _, run, _ in todo) if jobs > 1 else []
     if log is not None:
         skipped = len(runs) - len(todo)
         resumed = sum(1 for t in todo if t[2])
-        gpus = gpu_ids(run.cfg.device for _, run, _ in todo) if jobs > 1 else []
         where = f" over {len(gpus)} GPU(s)" if gpus else ""
         log(f"{len(runs)} runs: {skipped} finished, {resumed} to resume, "
             f"{len(todo) - resumed} to start; {min(jobs, max(1, len(todo)))} at a time{where}")
@@ -345,7 +341,7 @@ def execute(runs: list, *, jobs: int = 1, log=print, stream=None) -> dict:
                 outcomes[run.name] = outcome
                 progress.finish(run, i, outcome)
         else:
-            _parallel(todo, jobs, progress, outcomes)
+            _parallel(todo, jobs, gpus, progress, outcomes)
     finally:
         progress.close()
     return outcomes
@@ -356,10 +352,9 @@ def _size(cfg) -> int:
     return cfg.batch_size * model.get("n_layer", 2) * model.get("dim", 64) ** 2
 
 
-def _parallel(todo, jobs, progress, outcomes):
+def _parallel(todo, jobs, gpus, progress, outcomes):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    gpus = gpu_ids(run.cfg.device for _, run, _ in todo)
     by_future = {}
     with cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx,
                                 initializer=_init_worker,
