@@ -80,6 +80,7 @@ def families(B: int, T: int, block: int, device):
 
 
 def visible_pairs(spec, B: int, T: int, device) -> float:
+    """Visible (query, key) pairs of one head, summed over the batch."""
     dense = spec.dense(T, T, device)
     return float(dense.sum()) * (B if dense.shape[0] == 1 else 1)
 
@@ -228,7 +229,7 @@ def run(device: str, size: str, report: Report, flex=(), only=()) -> list:
             continue
         pairs = (pool_pairs(spec, block, B, T, device) if isinstance(spec, MaskPool)
                  else visible_pairs(spec, B, T, device))
-        flops = 4 * B * H * D * pairs
+        flops = 4 * H * D * pairs  # pairs are summed over the batch already
         (q, k, v, do), (qh, kh, vh, doh) = _inputs(B, T, H, D, dtype, device)
         sdpa_in = ((qh, kh, vh), doh)
         impls = {"ours": (_ours(q, k, v, spec, block), (q, k, v), do),
@@ -294,7 +295,7 @@ def run_jigsaw_pair(device: str, size: str, report: Report, rounds: int = 9) -> 
         report.add({
             "case": f"jigsaw({block}), {label}", "pass": "fwd+bwd", "B": B, "H": H, "T": T,
             "D": D, "dtype": str(dtype).replace("torch.", ""), "median ms": ms[name],
-            "TFLOP/s": 4 * B * H * D * pairs[name] * 3.5 / (ms[name] * 1e-3) / 1e12,
+            "TFLOP/s": 4 * H * D * pairs[name] * 3.5 / (ms[name] * 1e-3) / 1e12,
             "fresh / cached": ratio,
         })
     print(f"jigsaw fresh / cached: {ratio:.3f} ({100 * (ratio - 1):+.1f} %)", flush=True)

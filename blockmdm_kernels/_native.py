@@ -7,6 +7,7 @@ machine that has it. A build that is missing or fails to load warns once, saying
 makes the import fail.
 """
 
+import importlib.util
 import os
 import warnings
 
@@ -17,10 +18,15 @@ _error = None
 
 if os.environ.get("BLOCKMDM_NO_NATIVE", "").strip().lower() in ("1", "true", "yes", "on"):
     _error = "native extension disabled by BLOCKMDM_NO_NATIVE=1"
+elif importlib.util.find_spec("blockmdm_kernels._C") is None:
+    # A source tree on the path, or an install without a compiler: nothing to load.
+    _error = ("native extension not built (`pip install --no-build-isolation -e .` or "
+              "`python setup.py build_ext --inplace` builds it); using the pure-torch CPU paths")
+    warnings.warn(f"blockmdm_kernels: {_error}", RuntimeWarning, stacklevel=2)
 else:
     try:
         from blockmdm_kernels import _C  # type: ignore[attr-defined, no-redef]
-    except (ImportError, OSError) as err:  # not built, or built against another torch
+    except (ImportError, OSError) as err:  # built against another torch or python
         _error = f"native extension not loaded ({err}); using the pure-torch CPU paths"
         warnings.warn(f"blockmdm_kernels: {_error}", RuntimeWarning, stacklevel=2)
 
