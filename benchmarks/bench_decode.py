@@ -393,8 +393,8 @@ def measure(shape: str, device: str, report: Report) -> None:
     base = None
     for name, kw in strategies(L):
         out = run(model, prompt, L, bs, kw)
-        ms = bench(lambda kw=kw: run(model, prompt, L, bs, kw), device, warmup=1, rep=5,
-                   min_time=0.0)
+        ms = bench(lambda kw=kw: run(model, prompt, L, bs, kw), device, warmup=1,
+                   rep=_cost_reps(device), min_time=0.0)
         tps = B * L / (ms / 1e3)
         base = base or (tps, out.nfe)
         report.add({
@@ -409,6 +409,12 @@ def measure(shape: str, device: str, report: Report) -> None:
         })
 
 
+def _cost_reps(device: str) -> int:
+    """Timed decodes per cost row: 3 on CUDA, where they vary little and each of the `small`
+    preset's decodes takes most of a second; 5 on the shared CPU machines."""
+    return 3 if device == "cuda" else 5
+
+
 def cost_notes(shape: str, device: str) -> str:
     preset, vocab, B, P, L, bs = SHAPES[shape]
     return (
@@ -419,8 +425,8 @@ def cost_notes(shape: str, device: str) -> str:
         "calls and steps each strategy makes. nfe: model calls per decode (each covers the "
         "batch); tokens/call: tokens committed per sample per call; positions sent/sample: "
         "sequence positions sent to the model per sample over all calls (what a KV cache "
-        "saves); median ms: one whole decode of the batch (median of 5 timed decodes after a "
-        "warm-up); speed vs ar: tokens/s over that of `ar` (KV cache, one token per call); "
+        "saves); median ms: one whole decode of the batch (median of "
+        f"{_cost_reps(device)} timed decodes after a warm-up); speed vs ar: tokens/s over that of `ar` (KV cache, one token per call); "
         "calls vs ar: nfe over L. Attention is the strategy's default (ar: causal; confidence, "
         "threshold, ddpm: full; first_hitting: block_causal with the KV cache; jigsaw: jigsaw; "
         "scatter: scatter) unless the row names `block_causal` (KV cache unless `no cache`). "

@@ -21,7 +21,7 @@
 # token run, on a GPU too: one or two tests per shard and --smoke benchmarks.
 #
 # Environment: PYTHON (default python3); BLOCKMDM_COMMIT names the commit where the tree has no
-# .git; GPU_CHECK_BUDGET (seconds, default 450) caps the whole run: a step gets at most what is
+# .git; GPU_CHECK_BUDGET (seconds, default 470) caps the whole run: a step gets at most what is
 # left of it; GPU_CHECK_ONLY (comma-separated step names) runs only those steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +41,7 @@ mkdir -p "$work/parts" "$work/logs"
 export PYTHONPATH=.:python${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-budget=${GPU_CHECK_BUDGET:-450}
+budget=${GPU_CHECK_BUDGET:-470}
 report=$out/gpu_check.md
 log=$out/gpu_check.log
 results=$out/results.csv
@@ -284,8 +284,8 @@ for name in "${test_names[@]}"; do finish "$name" tests; done
 # CUDA run, DEVELOPERS.md). Training runs its --quick shapes on CUDA, since its full CUDA run
 # needs far more than the budget.
 reserve=15
-suite_steps=("attention|150|torch triton||1" "cross_entropy|35|torch triton||1"
-  "denoise|40|torch triton||1" "train|60|torch triton|--quick|0")
+suite_steps=("attention|160|torch triton||1" "cross_entropy|35|torch triton||1"
+  "denoise|40|torch triton||1" "train|80|torch triton|--quick|0")
 ran=()
 for entry in "${suite_steps[@]}"; do
   IFS='|' read -r bench limit needs cuda_size tune <<<"$entry"
@@ -298,7 +298,7 @@ for entry in "${suite_steps[@]}"; do
   [ "$started" = 1 ] && finish "bench_$bench" "bench:$bench" && ran+=("$bench")
 done
 # bench_decode's trained-model table trains its models first: only the cost table fits here.
-start bench_decode 60 "torch triton numpy pytest" env BLOCKMDM_AUTOTUNE=0 "$py" \
+start bench_decode 75 "torch triton numpy pytest" env BLOCKMDM_AUTOTUNE=0 "$py" \
   benchmarks/bench_decode.py --device "$device" "${size[@]}" --only cost --out "$work/parts"
 [ "$started" = 1 ] && finish bench_decode bench:decode && ran+=(decode)
 if [ -f benchmarks/bench_train_step.py ]; then

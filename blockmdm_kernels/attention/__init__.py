@@ -77,7 +77,7 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
         # tile, where in position order nearly every tile mixes both and needs element masks.
         perm, inverse_rows, mask = rows
         q, k, v = (_take_rows(x, perm) for x in (q, k, v))
-    o, _ = _attention_fwd(
+    o, _ = _attention(
         q, k, v, KINDS.index(mask.kind), mask.block_size, mask.prefix, mask.q_offset,
         mask.seq_len or 0, mask.masked_blocks, mask.kv_lens, float(scale), backend,
     )
@@ -253,8 +253,7 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-@torch.library.custom_op("blockmdm::block_attention_fwd", mutates_args=())
-def _attention_fwd(
+def _fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: int, block_size: int, prefix: int,
     q_offset: int, seq_len: int, masked_blocks: Optional[torch.Tensor],
     kv_lens: Optional[torch.Tensor], scale: float, backend: str,
@@ -264,6 +263,9 @@ def _attention_fwd(
     return _impl(backend).forward(q, k, v, spec, scale)
 
 
+_attention_fwd = torch.library.custom_op("blockmdm::block_attention_fwd", mutates_args=())(_fwd)
+
+
 @_attention_fwd.register_fake
 def _(q, k, v, kind, block_size, prefix, q_offset, seq_len, masked_blocks, kv_lens, scale,
       backend):
@@ -271,8 +273,7 @@ def _(q, k, v, kind, block_size, prefix, q_offset, seq_len, masked_blocks, kv_le
     return _new(q), torch.empty((B, H, Tq), device=q.device, dtype=_lse_dtype(q, backend))
 
 
-@torch.library.custom_op("blockmdm::block_attention_bwd", mutates_args=())
-def _attention_bwd(
+def _bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
     lse: torch.Tensor, kind: int, block_size: int, prefix: int, q_offset: int, seq_len: int,
     masked_blocks: Optional[torch.Tensor], kv_lens: Optional[torch.Tensor], scale: float,
@@ -281,6 +282,9 @@ def _attention_bwd(
     spec = _spec(kind, block_size, prefix, q_offset, seq_len, masked_blocks, kv_lens, q.device)
     do, q, k, v = (_last_dim_contiguous(x) for x in (do, q, k, v))
     return _impl(backend).backward(do, q, k, v, o, lse, spec, scale)
+
+
+_attention_bwd = torch.library.custom_op("blockmdm::block_attention_bwd", mutates_args=())(_bwd)
 
 
 @_attention_bwd.register_fake
@@ -295,10 +299,38 @@ def _setup_context(ctx, inputs, output):
     ctx.params = params
 
 
-def _backward(ctx, do, _dlse):
+def _backward(ctx, do, _dlse, bwd=_attention_bwd):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, *ctx.params)
+    dq, dk, dv = bwd(do, q, k, v, o, lse, *ctx.params)
     return (dq, dk, dv) + (None,) * len(ctx.params)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as the custom ops, without their dispatch: outside
+    torch.compile the ops' Python wrappers cost about as much host time per call as the kernel
+    launches themselves, which a small model on a GPU waits for (benchmarks/results/
+    nvidia-h200/README.md)."""
+
+    # forward takes ctx (no setup_context): apply() then skips binding the arguments to the
+    # signature on every call, which cost another third of the host time.
+    @staticmethod
+    def forward(ctx, q, k, v, *params):
+        o, lse = _fwd(q, k, v, *params)
+        _setup_context(ctx, (q, k, v, *params), (o, lse))
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        return _backward(ctx, do, _dlse, bwd=_bwd)
+
+
+def _attention(q, k, v, *params):
+    """(o, lse): the custom op while torch.compile traces (one graph node, no break), the
+    autograd function otherwise."""
+    if torch.compiler.is_compiling():
+        return _attention_fwd(q, k, v, *params)
+    return _EagerAttention.apply(q, k, v, *params)

@@ -233,6 +233,25 @@ def test_block_attention_custom_ops_opcheck():
     torch.library.opcheck(attention._attention_bwd, (*grads_in, *params))
 
 
+def test_block_attention_eager_path_matches_custom_op():
+    # Outside torch.compile block_attention skips the custom ops' dispatch (an autograd
+    # function over the same forward and backward): outputs and gradients bit for bit equal.
+    from blockmdm_kernels import attention
+
+    q = torch.randn(2, 20, 2, 16, requires_grad=True)
+    k, v = (torch.randn(2, 20, 1, 16, requires_grad=True) for _ in range(2))
+    params = (masks.KINDS.index("block_causal"), 3, 2, 0, 0, None, None, 0.25, "cpu")
+    o, lse = attention._attention(q, k, v, *params)
+    assert type(o.grad_fn).__name__ == "_EagerAttentionBackward"
+    o2, lse2 = attention._attention_fwd(q, k, v, *params)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    grads2 = torch.autograd.grad(o2, (q, k, v), do)
+    for a, b in zip(grads, grads2):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_block_attention_mask_changed_in_place(backend, monkeypatch):
     # Cached tile maps must follow masked_blocks / kv_lens edited in place between calls.
