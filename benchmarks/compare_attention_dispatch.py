@@ -49,7 +49,7 @@ def main(argv=None):
         times = {path: [] for path in paths}
         for r in range(args.repeats + 1):
             for path, op in paths.items():
-                us = _round(lambda op=op: run(op), args.calls)
+                us = _round(lambda op=op, run=run: run(op), args.calls)
                 if r:  # round 0 warms up
                     times[path].append(us)
         eager, custom = (statistics.median(times[p]) for p in paths)
