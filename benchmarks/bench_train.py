@@ -24,8 +24,9 @@ corrupted batch ("elbo" weighting); corruption is data loading and stays out of 
 CPU: fp32, the study's ``paper`` backbone (12 layers, dim 256). CUDA: bf16 autocast with fp32
 weights, a ~125M backbone (12 layers, dim 768, 12 heads; 85M without the embedding and head).
 ``--families`` / ``--lengths`` keep some rows only; ``--position-order`` adds a column
-``ours position order``: ours with jigsaw attending in position order (the CPU path's order
-before its unmasked blocks were moved first), timed interleaved with the others.
+``ours position order``: ours with jigsaw attending in position order (the order before its
+unmasked blocks were moved first: the CPU path's until 8fd2490, the Triton path's until the
+H200 run of 2026-11-27), timed interleaved with the others.
 The ``FLOP ceiling`` column is plain's matmul FLOPs over ours (:func:`flop_ceiling`): how much
 faster skipping hidden pairs and unused logits can make ours, counted in matmul FLOPs, whatever
 its kernels' speed (the softmax and mask work over the skipped pairs is not counted).

@@ -309,6 +309,32 @@ def test_scatter_reorders_only_where_the_native_tiles_can_skip(monkeypatch):
             assert_close_rel(a, b, torch.float32, name=f"d{name}")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_jigsaw_unmasked_first_matches_float64(backend, monkeypatch):
+    # Both fast paths attend with each row's unmasked blocks first: forward and backward
+    # still match float64 in position order, GQA and a prompt included.
+    from blockmdm_kernels.attention import _unmasked_first
+
+    monkeypatch.setenv("BLOCKMDM_BACKEND", backend)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    torch.manual_seed(1)
+    mb = torch.rand(2, 6) < 0.5
+    mb[0, 0], mb[1, 5] = True, False
+    spec = masks.jigsaw(7, mb.to(device), prefix=5)  # 5 + 6 blocks of 7 = 47
+    assert _unmasked_first(spec, 47, 47, backend) is not None
+    q = torch.randn(2, 47, 4, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 47, 2, 16, device=device, requires_grad=True) for _ in range(2))
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    g = torch.randn(2, 47, 4, 16, device=device)
+    out = bk.block_attention(q, k, v, spec)
+    ref = reference.block_attention(q64, k64, v64, masks.jigsaw(7, mb, prefix=5), 0.25)
+    assert_close_rel(out.cpu(), ref, torch.float32)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    refs = torch.autograd.grad(ref, (q64, k64, v64), g.cpu().double())
+    for name, a, b in zip("qkv", grads, refs):
+        assert_close_rel(a.cpu(), b, torch.float32, name=f"d{name}")
+
+
 def test_jigsaw_over_whole_blocks_runs_unmasked_first():
     from blockmdm_kernels import attention
     from blockmdm_kernels.attention import _unmasked_first
@@ -327,12 +353,14 @@ def test_jigsaw_over_whole_blocks_runs_unmasked_first():
     for b in range(2):
         rows = perm[b * 14:(b + 1) * 14] - b * 14
         assert torch.equal(dense[b][rows][:, rows], moved_dense[b])
-    # Ragged blocks, decoding, padding, other backends and the switch keep position order.
+    # The Triton path takes the same order.
+    assert _unmasked_first(spec, 14, 14, "triton")[2] is moved
+    # Ragged blocks, decoding, padding, the reference path and the switch keep position order.
     for other, Tq, Tk, backend in [
         (masks.jigsaw(3, mb, prefix=3), 14, 14, "cpu"),
         (masks.jigsaw(3, mb, prefix=2, q_offset=1), 13, 14, "cpu"),
         (masks.jigsaw(3, mb, prefix=2, kv_lens=torch.tensor([14, 9])), 14, 14, "cpu"),
-        (spec, 14, 14, "triton"),
+        (spec, 14, 14, "reference"),
         (masks.block_causal(3, prefix=2), 14, 14, "cpu"),
     ]:
         assert _unmasked_first(other, Tq, Tk, backend) is None
