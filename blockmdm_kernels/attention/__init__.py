@@ -4,6 +4,8 @@ The fast paths run behind two ``torch.library`` custom ops (forward returning (o
 backward), tied together with ``register_autograd`` so ``torch.compile`` traces a model calling
 :func:`block_attention` without a graph break. The ops take the mask as plain ints and optional
 tensors; the spec (and with it the cached tile maps) is rebuilt from those by :func:`_spec`.
+Outside ``torch.compile`` the same forward and backward run through an autograd function
+(:class:`_EagerAttention`), which spares every call the ops' dispatch.
 """
 
 import math
