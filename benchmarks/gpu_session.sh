@@ -8,15 +8,16 @@
 # OUT_DIR/check/      the check's gpu_check.md, gpu_check.log, results.csv and plots;
 # OUT_DIR/extras.tar.gz
 #                     train-2048/ (the T = 2048 training rows of the ~125M backbone, ours vs
-#                     plain SDPA vs compiled FlexAttention, and ours with jigsaw in position
-#                     order; rows written as measured) and paper-pathfind/ (the paper preset's
-#                     path finding for ar and mdm, shortened by --steps: report, results,
-#                     figures, each run's metrics; no checkpoints);
+#                     plain SDPA vs compiled FlexAttention; rows written as measured),
+#                     jigsaw-order/ (its jigsaw row again with ours in position order beside
+#                     it) and paper-pathfind/ (the paper preset's path finding for ar and mdm,
+#                     shortened by --steps: report, results, figures, each run's metrics; no
+#                     checkpoints);
 # OUT_DIR/session.log every part's output.
 #
 # The check alone takes up to 470 s, so one call of at most 600 s holds the check and little
-# else: SESSION_PARTS (comma-separated, default check,train-2048,paper-pathfind) picks the
-# parts, e.g. SESSION_PARTS=train-2048,paper-pathfind for a second call.
+# else: SESSION_PARTS (comma-separated, default check,train-2048,jigsaw-order,paper-pathfind)
+# picks the parts, e.g. SESSION_PARTS=train-2048,jigsaw-order,paper-pathfind for a second call.
 # Environment: SESSION_BUDGET (s, default 570) bounds the whole session; GPU_CHECK_BUDGET
 # (default 470) the check; TRAIN_2048_LIMIT (default 150) the training rows; PAPER_STEPS
 # (default 1000) the study's steps per run (about 130 steps were done in the first 35 s of a
@@ -38,7 +39,7 @@ extras=$(mktemp -d)
 trap 'rm -rf "$extras"' EXIT
 log=$out/session.log
 : >"$log"
-parts=",${SESSION_PARTS:-check,train-2048,paper-pathfind},"
+parts=",${SESSION_PARTS:-check,train-2048,jigsaw-order,paper-pathfind},"
 
 left() { echo $((budget - SECONDS - 10)); }
 note() { echo "== $(date -u +%H:%M:%S) ($SECONDS s) $*" | tee -a "$log"; }
@@ -67,8 +68,10 @@ part check 100000 env GPU_CHECK_BUDGET="${GPU_CHECK_BUDGET:-470}" PYTHON="$py" \
   bash benchmarks/gpu_check.sh "$out/check"
 
 part train-2048 "${TRAIN_2048_LIMIT:-150}" env BLOCKMDM_AUTOTUNE=1 "$py" \
-  benchmarks/bench_train.py --device "$device" --lengths 2048 --position-order \
-  --out "$extras/train-2048"
+  benchmarks/bench_train.py --device "$device" --lengths 2048 --out "$extras/train-2048"
+
+part jigsaw-order 60 env BLOCKMDM_AUTOTUNE=1 "$py" benchmarks/bench_train.py --device "$device" \
+  --lengths 2048 --families jigsaw --position-order --out "$extras/jigsaw-order"
 
 steps=${PAPER_STEPS:-1000}
 part paper-pathfind 100000 env BLOCKMDM_AUTOTUNE=0 "$py" -m blockmdm.cli study --preset paper \
