@@ -26,6 +26,7 @@ without dispatching an op.
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -56,13 +57,15 @@ def _tensors(args, kwargs):
     return out
 
 
+# The kernels' CPU paths: code that runs for CPU tensors only.
+_CPU_PATHS = {("blockmdm_kernels", op, "cpu.py")
+              for op in ("attention", "cross_entropy", "denoise")}
+
+
 def _in_cpu_path() -> bool:
-    """True inside a kernel's CPU path (blockmdm_kernels/<op>/cpu.py), which never runs for
-    device tensors."""
-    return any(frame.filename.replace("\\", "/").endswith(
-        ("/attention/cpu.py", "/cross_entropy/cpu.py", "/denoise/cpu.py"))
-        and "/blockmdm_kernels/" in frame.filename.replace("\\", "/")
-        for frame in traceback.extract_stack())
+    """True inside a kernel's CPU path, which never runs for device tensors."""
+    return any(Path(frame.filename).parts[-3:] in _CPU_PATHS
+               for frame in traceback.extract_stack())
 
 
 def _where() -> str:
