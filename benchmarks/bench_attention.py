@@ -31,7 +31,7 @@ from benchmarks.common import (  # noqa: E402
     parse_args,
     sync,
 )
-from blockmdm_kernels import masks  # noqa: E402
+from blockmdm_kernels import attention, masks  # noqa: E402
 
 CONFIGS = {
     "cpu": dict(B=1, H=8, D=64, T=2048, block=64, dtype=torch.float32),
@@ -95,6 +95,23 @@ def _ours(q, k, v, spec, block):
     if isinstance(spec, MaskPool):
         return lambda: bk.block_attention(q, k, v, masks.jigsaw(block, spec.next()))
     return lambda: bk.block_attention(q, k, v, spec)
+
+
+def _kernel(q, k, v, spec, block):
+    """Ours with full and causal kept on our own Triton kernel (which block_attention otherwise
+    routes to torch's SDPA kernels on a GPU); None where nothing is routed."""
+    if (isinstance(spec, MaskPool) or not q.is_cuda
+            or attention.sdpa_is_causal(spec, q.dtype, q.shape[1], k.shape[1]) is None):
+        return None
+    ours = _ours(q, k, v, spec, block)
+
+    def kernel():
+        attention.SDPA_DENSE = False
+        try:
+            return ours()
+        finally:
+            attention.SDPA_DENSE = True
+    return kernel
 
 
 def _sdpa(q, k, v, spec, block, T, device):
@@ -235,6 +252,9 @@ def run(device: str, size: str, report: Report, flex=(), only=()) -> list:
         impls = {"ours": (_ours(q, k, v, spec, block), (q, k, v), do),
                  "sdpa": (_sdpa(qh, kh, vh, spec, block, T, device), *sdpa_in),
                  "causal": (_sdpa(qh, kh, vh, masks.causal(), block, T, device), *sdpa_in)}
+        kernel = _kernel(q, k, v, spec, block)
+        if kernel is not None:
+            impls["kernel"] = (kernel, (q, k, v), do)
         per_block = _per_block(qh, kh, vh, spec)
         if per_block is not None:
             impls["per-block"] = (per_block, *sdpa_in)
@@ -242,7 +262,8 @@ def run(device: str, size: str, report: Report, flex=(), only=()) -> list:
             # FlexAttention has no CPU backward and refuses CPU inputs that require grad.
             fq, fk, fv = (x.detach() for x in (qh, kh, vh)) if device == "cpu" else (qh, kh, vh)
             impls["flex"] = (_flex(fq, fk, fv, spec, block, B, T, device), (fq, fk, fv), doh)
-        columns = ["ours", "sdpa", "causal", "per-block"] + ([] if flex is None else ["flex"])
+        columns = (["ours"] + (["kernel"] if device == "cuda" else []) + ["sdpa", "causal",
+                   "per-block"] + ([] if flex is None else ["flex"]))
         one_thread = ["ours", "sdpa", "causal", "per-block"] if device == "cpu" else []
         for label, factor in (("fwd", 1.0), ("fwd+bwd", 3.5)):
             backward = label != "fwd"
@@ -258,7 +279,7 @@ def run(device: str, size: str, report: Report, flex=(), only=()) -> list:
                         ms1[impl] = _time(*impls[impl], backward, device)
             for impl in columns:
                 row[f"{impl} median ms"] = ms.get(impl, "n/a")
-                if impl in ("ours", "sdpa", "flex"):
+                if impl in ("ours", "kernel", "sdpa", "flex"):
                     row[f"{impl} TFLOP/s"] = (flops * factor / (ms[impl] * 1e-3) / 1e12
                                               if impl in ms else "n/a")
             for impl in one_thread:
@@ -322,7 +343,9 @@ def main(argv=None):
         f"2x{cfg['T'] // 2}), {str(cfg['dtype']).replace('torch.', '')}, no GQA, "
         f"{torch.get_num_threads()} CPU threads (torch's default unless --threads says "
         "otherwise; the '1t' columns at torch.set_num_threads(1)). All query rows attend. "
-        "ours: bk.block_attention (Triton on CUDA, the native tile-skipping CPU path on CPU). "
+        "ours: bk.block_attention (Triton on CUDA, the native tile-skipping CPU path on CPU; "
+        "full and causal in 16-bit on CUDA go to torch's SDPA kernels, and 'kernel' is ours "
+        "with them kept on the Triton kernel). "
         "sdpa: F.scaled_dot_product_attention with the dense bool mask (is_causal for causal, no "
         "mask for full). causal: SDPA is_causal=True at the same shape, whatever the family (the "
         "work-equivalent floor for block_causal, which sees about the same pairs); 'ours / "

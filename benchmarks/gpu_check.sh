@@ -259,7 +259,7 @@ shards=(
   "tests-attention-fp32-b|tests/kernels/test_attention.py|triton_fp32 and block_causal|block_causal_b1"
   "tests-attention-fp32-c|tests/kernels/test_attention.py|triton_fp32 and scatter|scatter_b3"
   "tests-attention-fp32-d|tests/kernels/test_attention.py|(triton_fp32 and (jigsaw or bd3)) or mask_changed_in_place|mask_changed_in_place and cpu"
-  "tests-attention-bf16-fp16|tests/kernels/test_attention.py|(bf16_cuda and ($bf16_cases)) or triton_fp16|bf16_cuda and full_kvlens"
+  "tests-attention-bf16-fp16|tests/kernels/test_attention.py|(bf16_cuda and ($bf16_cases)) or triton_fp16 or sdpa_route|bf16_cuda and full_kvlens"
   "tests-cross-entropy|tests/kernels/test_cross_entropy.py|triton or cuda|large_logits and fp16"
   "tests-denoise|tests/kernels/test_denoise.py tests/kernels/test_denoise_autotune.py|triton or cuda or autotune|row_kernel"
 )

@@ -35,6 +35,12 @@ _JIGSAW_CACHE: OrderedDict = OrderedDict()
 _JIGSAW_CACHE_SIZE = 4
 # False runs jigsaw in position order on the CPU path too (benchmarks compare the two).
 UNMASKED_FIRST = True
+# Full and causal self-attention in 16-bit on a GPU go to torch's own SDPA kernels (FlashAttention
+# or cuDNN): on an H200 (bf16, D 128, T 8192) the Triton kernel took 1.56x their time on exactly
+# these masks (benchmarks/results/nvidia-h200/gpu_check.md), and they are the only masks SDPA
+# runs at that speed. False keeps the Triton kernel (benchmarks compare the two).
+SDPA_DENSE = True
+_SDPA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
@@ -62,6 +68,10 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     if backend == "reference" or q.numel() == 0 or Tk == 0:
         return reference.block_attention(q, k, v, mask, float(scale))
+    if SDPA_DENSE and backend == "triton" and q.is_cuda:
+        is_causal = sdpa_is_causal(mask, q.dtype, Tq, Tk)
+        if is_causal is not None:
+            return sdpa(q, k, v, is_causal, float(scale))
     order = _offset_major(mask, Tq, Tk, q.device, backend, q.dtype)
     if order is not None:
         # Scatter over whole blocks is block_causal in offset-major order, where its visible
@@ -86,6 +96,29 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
     if rows is not None:
         return _take_rows(o, inverse_rows)
     return o if inverse is None else o.index_select(1, inverse)
+
+
+def sdpa_is_causal(mask: MaskSpec, dtype: torch.dtype, Tq: int, Tk: int) -> Optional[bool]:
+    """``is_causal`` of the SDPA call that computes ``mask`` exactly, where the GPU route takes
+    it (full or causal, no kv_lens, no q_offset, 16-bit; causal with Tq = Tk, where SDPA's
+    top-left diagonal is ours); None for every other mask."""
+    if dtype not in _SDPA_DTYPES or mask.kv_lens is not None or mask.q_offset:
+        return None
+    if mask.kind == "full":
+        return False
+    if mask.kind == "causal" and Tq == Tk:
+        return True
+    return None
+
+
+def sdpa(q, k, v, is_causal: bool, scale: float) -> torch.Tensor:
+    """F.scaled_dot_product_attention in this module's layout: q [B, Tq, H, D], k/v
+    [B, Tk, Hkv, D] -> [B, Tq, H, D] (GQA through enable_gqa, which the flash kernel takes)."""
+    gqa = {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal,
+        scale=scale, **gqa)
+    return o.transpose(1, 2)
 
 
 def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,10 @@ predicate; PARTIAL tiles evaluate :func:`_visible`, which mirrors ``MaskSpec.vis
 Full, causal and block_causal masks (any q_offset, with or without kv_lens) need no tile map:
 every query sees a prefix of the keys, so the kernels compute each tile's key (or query) range and
 its FULL / PARTIAL state from positions (``MAPLESS``), and decoding token by token builds nothing.
+Their FULL tiles form one run (a query tile's first key tiles; a key tile's last query tiles), so
+each loop is split in two: the run of FULL tiles with no predicate and unmasked key loads, and the
+PARTIAL rest; no tile's state is branched on inside a loop (as in FlashAttention's Triton
+kernels, which loop over the causal diagonal apart).
 The other masks use one tile map per spec and shapes: it is built for the backward's tiles and the
 forward's larger tiles are derived from it (:meth:`TileMap.coarsen`).
 
@@ -31,6 +35,12 @@ from blockmdm_kernels.masks import FULL, KINDS, PARTIAL, MaskSpec
 _LOG2E = 1.4426950408889634
 _PARTIAL = tl.constexpr(PARTIAL)
 _FULL = tl.constexpr(FULL)
+# What a loop knows of its tiles' state at compile time (the KNOWN argument): nothing (read or
+# derive each tile's state), every tile FULL and in range (no predicate, unmasked key loads), or
+# every tile to be masked by the predicate.
+_ANY_STATE = tl.constexpr(0)
+_ALL_FULL = tl.constexpr(1)
+_ALL_PARTIAL = tl.constexpr(2)
 # Kinds where every query sees a prefix of the keys (kinds 0, 1, 2): no tile map needed.
 MAPLESS_KINDS = ("full", "causal", "block_causal")
 
@@ -131,43 +141,42 @@ def _q_range(KIND: tl.constexpr, i_n, n_qt, Tq, Tk, kv_len, Q_OFFSET, P, BS,
 
 
 @triton.jit
-def _kv_state(j, full_to, Tk, BLOCK_N: tl.constexpr):
-    """Mapless kinds: state of key tile j of a query tile whose full bound is full_to."""
-    return tl.where(tl.minimum((j + 1) * BLOCK_N, Tk) - 1 <= full_to, _FULL, _PARTIAL)
-
-
-@triton.jit
-def _q_state(KIND: tl.constexpr, i_m, k_last, kv_len, Tk, Q_OFFSET, P, BS,
-             BLOCK_M: tl.constexpr):
-    """Mapless kinds: state of query tile i_m for a key tile ending at k_last."""
-    full_to = tl.minimum(_last_key(KIND, i_m * BLOCK_M + Q_OFFSET, Tk, P, BS), kv_len - 1)
-    return tl.where(k_last <= full_to, _FULL, _PARTIAL)
+def _masked(b_s, kv, i_m, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND: tl.constexpr,
+            HAS_KVLENS: tl.constexpr, BLOCK_M: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """b_s with -inf where the predicate hides a pair of query tile i_m and keys kv."""
+    o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M) + Q_OFFSET
+    if KEYS_FIRST:
+        q = o_q[None, :]  # [1, BM]
+    else:
+        q = o_q[:, None]  # [BM, 1]
+    m_vis = _visible(KIND, q, kv, P, BS, HALF, p_mb, n_mb) & (kv < Tk)
+    if HAS_KVLENS:
+        m_vis = m_vis & (kv < kv_len)
+    return tl.where(m_vis, b_s, float("-inf"))
 
 
 @triton.jit
 def _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
                 KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr):
+                BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr, KNOWN: tl.constexpr):
     """-inf where query tile i_m may not see key tile i_n; b_s is [BM, BN] ([BN, BM] with
-    KEYS_FIRST)."""
-    o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if KEYS_FIRST:
-        kv = o_k[:, None]  # [BN, 1]
-    else:
-        kv = o_k[None, :]  # [1, BN]
-    if state == _PARTIAL:
-        o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M) + Q_OFFSET
+    KEYS_FIRST). ``state`` is read only when KNOWN is _ANY_STATE."""
+    if KNOWN != _ALL_FULL:
+        o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         if KEYS_FIRST:
-            q = o_q[None, :]  # [1, BM]
+            kv = o_k[:, None]  # [BN, 1]
         else:
-            q = o_q[:, None]  # [BM, 1]
-        m_vis = _visible(KIND, q, kv, P, BS, HALF, p_mb, n_mb) & (kv < Tk)
-        if HAS_KVLENS:
-            m_vis = m_vis & (kv < kv_len)
-        b_s = tl.where(m_vis, b_s, float("-inf"))
-    elif (i_n + 1) * BLOCK_N > Tk:
-        # A FULL tile only promises every in-range element; the ragged last tile still needs bounds.
-        b_s = tl.where(kv < Tk, b_s, float("-inf"))
+            kv = o_k[None, :]  # [1, BN]
+        if KNOWN == _ALL_PARTIAL:
+            b_s = _masked(b_s, kv, i_m, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
+                          HAS_KVLENS, BLOCK_M, KEYS_FIRST)
+        elif state == _PARTIAL:
+            b_s = _masked(b_s, kv, i_m, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
+                          HAS_KVLENS, BLOCK_M, KEYS_FIRST)
+        elif (i_n + 1) * BLOCK_N > Tk:
+            # A FULL tile only promises every in-range element; the ragged last tile still
+            # needs bounds.
+            b_s = tl.where(kv < Tk, b_s, float("-inf"))
     return b_s
 
 
@@ -201,23 +210,62 @@ def _kv_tiles(KV_COUNT, KV_INDEX, STATE, i_bt, i_m, n_qt, n_kt, Tq, Tk, kv_len, 
 def _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to, i_m, o_d, Tk, qk_scale,
               Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND: tl.constexpr,
               HAS_KVLENS: tl.constexpr, MAPLESS: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KNOWN: tl.constexpr):
     """The j-th non-empty key tile of query tile i_m: masked scores [BM, BN] (base 2), K and V
     [BN, D]. Shared by the forward and the dQ kernel."""
     if MAPLESS:
+        # The caller's loop knows the state (KNOWN is _ALL_FULL or _ALL_PARTIAL).
         i_n = j
-        state = _kv_state(j, full_to, Tk, BLOCK_N)
+        state = _FULL
     else:
         i_n = tl.load(p_idx + j)
         state = tl.load(p_state + i_n)
     o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_k = o_k < Tk
-    b_k = tl.load(p_k0 + o_k[:, None] * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
-    b_v = tl.load(p_v0 + o_k[:, None] * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
+    p_k = p_k0 + o_k[:, None] * s_kt + o_d[None, :]
+    p_v = p_v0 + o_k[:, None] * s_vt + o_d[None, :]
+    if KNOWN == _ALL_FULL:
+        b_k = tl.load(p_k)
+        b_v = tl.load(p_v)
+    else:
+        m_k = o_k < Tk
+        b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)
+        b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
     b_s = _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
-                      KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, False)
+                      KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, False, KNOWN)
     return b_s, b_k, b_v
+
+
+@triton.jit
+def _n_full(full_to, n_tiles, BLOCK_N: tl.constexpr):
+    """Mapless kinds: how many of a query tile's key tiles (from tile 0 on) are FULL and in
+    range: those ending at or before full_to (which is below Tk and kv_len)."""
+    n_full = tl.where(full_to >= 0, (full_to + 1) // BLOCK_N, 0)
+    return tl.minimum(n_full, n_tiles).to(tl.int32)
+
+
+@triton.jit
+def _softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION: tl.constexpr):
+    """One key tile of the online softmax: scores b_s [BM, BN] (base 2), values b_v [BN, D];
+    returns the new (running max, running sum, accumulator)."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    # A row with nothing visible so far keeps m = -inf; shift by 0 to avoid (-inf) - (-inf).
+    b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_p = tl.math.exp2(b_s - b_shift[:, None])  # [BM, BN]
+    b_alpha = tl.math.exp2(b_m - b_shift)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
+def _dq_step(b_s, b_k, b_v, b_do, b_lse, b_delta, b_dq, PRECISION: tl.constexpr):
+    """One key tile of dQ: scores b_s [BM, BN] (base 2), K and V [BN, D]; returns b_dq
+    [BM, D] (unscaled)."""
+    b_p = tl.math.exp2(b_s - b_lse[:, None])  # [BM, BN]
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
 
 
 @triton.jit
@@ -255,19 +303,28 @@ def _attn_fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for j in range(0, n_tiles):
-        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to, i_m,
-                                  o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
-                                  KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
-                                  PRECISION)  # [BM, BN]
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        # A row with nothing visible so far keeps m = -inf; shift by 0 to avoid (-inf) - (-inf).
-        b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.math.exp2(b_s - b_shift[:, None])  # [BM, BN]
-        b_alpha = tl.math.exp2(b_m - b_shift)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_m = b_m_new
+    if MAPLESS:
+        # The FULL tiles come first: a loop with no predicate and no bounds, then the rest.
+        n_full = _n_full(full_to, n_tiles, BLOCK_N)
+        for j in range(0, n_full):
+            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
+                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
+                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
+                                      PRECISION, _ALL_FULL)
+            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
+        for j in range(n_full, n_tiles):
+            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
+                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
+                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
+                                      PRECISION, _ALL_PARTIAL)
+            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
+    else:
+        for j in range(0, n_tiles):
+            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
+                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
+                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
+                                      PRECISION, _ANY_STATE)
+            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
 
     m_seen = b_l > 0
     b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]
@@ -293,6 +350,45 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, s_ob, s_ot, s_oh, s_db, s_dt, s_dh
     b_do = tl.load(DO + i_b * s_db + i_h * s_dh + o_q[:, None] * s_dt + o_d[None, :],
                    mask=m_q[:, None], other=0.0).to(tl.float32)  # [BM, D]
     tl.store(DELTA + (i_b * H + i_h) * Tq + o_q, tl.sum(b_o * b_do, 1), mask=m_q)
+
+
+@triton.jit
+def _n_partial(KIND: tl.constexpr, m_lo, n_tiles, k_last, kv_len, Q_OFFSET, P, BS,
+               BLOCK_M: tl.constexpr):
+    """Mapless kinds, the key tile ending at k_last: how many of its query tiles (from m_lo on)
+    are PARTIAL; the ones after them are FULL (from the first tile whose first row sees k_last,
+    when k_last is below kv_len)."""
+    row = _first_query(KIND, k_last, P, BS) - Q_OFFSET
+    m_full = tl.where(row > 0, (row + BLOCK_M - 1) // BLOCK_M, 0)
+    n_part = tl.minimum(tl.maximum(m_full - m_lo, 0), n_tiles)
+    return tl.where(k_last < kv_len, n_part, n_tiles).to(tl.int32)
+
+
+@triton.jit
+def _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, p_lse, p_delta, i_m, i_n, state, o_d, Tq, Tk,
+               s_qt, s_dt, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
+               KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KNOWN: tl.constexpr):
+    """Query tile i_m's part of dK (unscaled) and dV for key tile i_n (K, V [BN, D]). Under
+    _ALL_FULL the rows of keys past Tk get garbage, which the caller never stores."""
+    o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_q = o_q < Tq
+    # Keys-first layout: dK and dV come out of dots without transposing P or dS.
+    b_qt = tl.load(p_q0 + o_q[None, :] * s_qt + o_d[:, None], mask=m_q[None, :],
+                   other=0.0)  # [D, BM]
+    b_do = tl.load(p_do0 + o_q[:, None] * s_dt + o_d[None, :], mask=m_q[:, None],
+                   other=0.0)  # [BM, D]
+    b_lse = tl.load(p_lse + o_q, mask=m_q, other=float("inf"))  # [BM]
+    b_delta = tl.load(p_delta + o_q, mask=m_q, other=0.0)  # [BM]
+    b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BN, BM]
+    b_st = _apply_mask(b_st, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
+                       KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, True, KNOWN)
+    b_pt = tl.math.exp2(b_st - b_lse[None, :])  # [BN, BM]
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION)
+    return b_dk, b_dv
 
 
 @triton.jit
@@ -330,6 +426,7 @@ def _attn_bwd_dkdv_kernel(
     if MAPLESS:
         m_lo, n_tiles, k_last = _q_range(KIND, i_n, n_qt, Tq, Tk, kv_len, Q_OFFSET, P, BS, BLOCK_M,
                                          BLOCK_N)
+        n_part = _n_partial(KIND, m_lo, n_tiles, k_last, kv_len, Q_OFFSET, P, BS, BLOCK_M)
     else:
         n_tiles = tl.load(Q_COUNT + col)
 
@@ -340,30 +437,27 @@ def _attn_bwd_dkdv_kernel(
         p_q0 = Q + i_b64 * s_qb + i_h * s_qh
         p_do0 = DO + i_b64 * s_db + i_h * s_dh
         p_row = (i_b64 * H + i_h) * Tq
-        for j in range(0, n_tiles):
-            if MAPLESS:
-                i_m = m_lo + j
-                state = _q_state(KIND, i_m, k_last, kv_len, Tk, Q_OFFSET, P, BS, BLOCK_M)
-            else:
+        if MAPLESS:
+            # The PARTIAL query tiles come first (the diagonal), then the FULL ones.
+            for j in range(0, n_part):
+                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, LSE + p_row,
+                                        DELTA + p_row, m_lo + j, i_n, _PARTIAL, o_d, Tq, Tk, s_qt,
+                                        s_dt, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
+                                        KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, PRECISION,
+                                        _ALL_PARTIAL)
+            for j in range(n_part, n_tiles):
+                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, LSE + p_row,
+                                        DELTA + p_row, m_lo + j, i_n, _FULL, o_d, Tq, Tk, s_qt,
+                                        s_dt, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
+                                        KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, PRECISION, _ALL_FULL)
+        else:
+            for j in range(0, n_tiles):
                 i_m = tl.load(p_idx + j)
                 state = tl.load(p_state + i_m.to(tl.int64) * n_kt)
-            o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_q = o_q < Tq
-            # Keys-first layout: dK and dV come out of dots without transposing P or dS.
-            b_qt = tl.load(p_q0 + o_q[None, :] * s_qt + o_d[:, None], mask=m_q[None, :],
-                           other=0.0)  # [D, BM]
-            b_do = tl.load(p_do0 + o_q[:, None] * s_dt + o_d[None, :], mask=m_q[:, None],
-                           other=0.0)  # [BM, D]
-            b_lse = tl.load(LSE + p_row + o_q, mask=m_q, other=float("inf"))  # [BM]
-            b_delta = tl.load(DELTA + p_row + o_q, mask=m_q, other=0.0)  # [BM]
-            b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BN, BM]
-            b_st = _apply_mask(b_st, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
-                               kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, True)
-            b_pt = tl.math.exp2(b_st - b_lse[None, :])  # [BN, BM]
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=PRECISION)
+                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, LSE + p_row,
+                                        DELTA + p_row, i_m, i_n, state, o_d, Tq, Tk, s_qt, s_dt,
+                                        qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
+                                        HAS_KVLENS, BLOCK_M, BLOCK_N, PRECISION, _ANY_STATE)
 
     p_dk = DK + i_b64 * s_dkb + i_hk.to(tl.int64) * s_dkh + o_k[:, None] * s_dkt + o_d[None, :]
     p_dv = DV + i_b64 * s_dvb + i_hk.to(tl.int64) * s_dvh + o_k[:, None] * s_dvt + o_d[None, :]
@@ -409,15 +503,27 @@ def _attn_bwd_dq_kernel(
         MAPLESS, BLOCK_M, BLOCK_N)
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
-    for j in range(0, n_tiles):
-        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to, i_m,
-                                  o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
-                                  KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
-                                  PRECISION)  # [BM, BN]
-        b_p = tl.math.exp2(b_s - b_lse[:, None])  # [BM, BN]
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    if MAPLESS:
+        n_full = _n_full(full_to, n_tiles, BLOCK_N)
+        for j in range(0, n_full):
+            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
+                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
+                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
+                                      PRECISION, _ALL_FULL)
+            b_dq = _dq_step(b_s, b_k, b_v, b_do, b_lse, b_delta, b_dq, PRECISION)
+        for j in range(n_full, n_tiles):
+            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
+                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
+                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
+                                      PRECISION, _ALL_PARTIAL)
+            b_dq = _dq_step(b_s, b_k, b_v, b_do, b_lse, b_delta, b_dq, PRECISION)
+    else:
+        for j in range(0, n_tiles):
+            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
+                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
+                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
+                                      PRECISION, _ANY_STATE)
+            b_dq = _dq_step(b_s, b_k, b_v, b_do, b_lse, b_delta, b_dq, PRECISION)
 
     p_dq = DQ + i_b64 * s_dqb + i_h.to(tl.int64) * s_dqh + o_q[:, None] * s_dqt + o_d[None, :]
     tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_q[:, None])

@@ -252,6 +252,59 @@ def test_block_attention_eager_path_matches_custom_op():
         assert torch.equal(a, b)
 
 
+def test_sdpa_route_takes_only_what_sdpa_computes_exactly():
+    from blockmdm_kernels.attention import sdpa_is_causal
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert sdpa_is_causal(masks.full(), bf16, 63, 200) is False
+    assert sdpa_is_causal(masks.causal(), torch.float16, 111, 111) is True
+    for spec, dtype, Tq, Tk in (
+        (masks.causal(), fp32, 64, 64),  # fp32 stays on the kernel (IEEE or tf32 as torch says)
+        (masks.causal(), bf16, 63, 200),  # SDPA's diagonal is not ours when Tq != Tk
+        (masks.causal(q_offset=199), bf16, 1, 200),  # decoding with the KV cache
+        (masks.full(kv_lens=torch.tensor([3])), bf16, 8, 8),
+        (masks.block_causal(16), bf16, 64, 64),
+        (masks.bd3(16), bf16, 64, 64),
+    ):
+        assert sdpa_is_causal(spec, dtype, Tq, Tk) is None
+
+
+@pytest.mark.parametrize("make, Hkv", [(masks.full, 2), (masks.causal, 1)])
+def test_sdpa_route_matches_float64(make, Hkv):
+    # The layout change and GQA of the route, forward and backward, on CPU tensors.
+    from blockmdm_kernels.attention import sdpa
+
+    spec = make()
+    q = torch.randn(2, 37, 4, 32, requires_grad=True)
+    k, v = (torch.randn(2, 37, Hkv, 32, requires_grad=True) for _ in range(2))
+    do = torch.randn(2, 37, 4, 32)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference.block_attention(*ref_in, spec, 0.3)
+    ref.backward(do.double())
+    out = sdpa(q, k, v, spec.kind == "causal", 0.3)
+    out.backward(do)
+    assert out.shape == q.shape
+    assert_close_rel(out, ref, torch.float32, "o")
+    for name, x, r in zip("qkv", (q, k, v), ref_in):
+        assert_close_rel(x.grad, r.grad, torch.float32, f"d{name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("full_T1", "causal_gqa")],
+                         ids=["full_T1", "causal_gqa"])
+@pytest.mark.parametrize("route", [True, False])
+def test_block_attention_sdpa_route_bf16_cuda(case, route, monkeypatch):
+    # Full and causal in bf16 go to SDPA; with the route off the Triton kernel still computes them.
+    from blockmdm_kernels import attention
+
+    calls = []
+    sdpa = attention.sdpa
+    monkeypatch.setattr(attention, "sdpa", lambda *a: calls.append(1) or sdpa(*a))
+    monkeypatch.setattr(attention, "SDPA_DENSE", route)
+    _run_case(case, torch.bfloat16, monkeypatch, "cuda")
+    assert bool(calls) == route
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_block_attention_mask_changed_in_place(backend, monkeypatch):
     # Cached tile maps must follow masked_blocks / kv_lens edited in place between calls.
@@ -388,22 +441,24 @@ def count_tile_builds(monkeypatch):
 @triton.jit
 def _mapless_states_kernel(OUT_KV, OUT_Q, Tq, Tk, kv_len, n_qt, n_kt, Q_OFFSET, P, BS,
                            KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Program i is query tile i and key tile i (when they exist), as in the kernels.
+    # Program i is query tile i and key tile i (when they exist), as in the kernels; each tile
+    # visited gets the state its loop treats it with.
     i_m = tl.program_id(0)
     i_n = tl.program_id(0)
     if i_m < n_qt:
         n_tiles, full_to = attn_triton._kv_range(KIND, i_m, Tq, Tk, kv_len, Q_OFFSET, P, BS,
                                                  BLOCK_M, BLOCK_N)
+        n_full = attn_triton._n_full(full_to, n_tiles, BLOCK_N)
         for j in range(0, n_tiles):
-            tl.store(OUT_KV + i_m * n_kt + j, attn_triton._kv_state(j, full_to, Tk, BLOCK_N))
+            tl.store(OUT_KV + i_m * n_kt + j, tl.where(j < n_full, masks.FULL, masks.PARTIAL))
     if i_n < n_kt:
         m_lo, n_tiles, k_last = attn_triton._q_range(KIND, i_n, n_qt, Tq, Tk, kv_len, Q_OFFSET, P,
                                                      BS, BLOCK_M, BLOCK_N)
+        n_part = attn_triton._n_partial(KIND, m_lo, n_tiles, k_last, kv_len, Q_OFFSET, P, BS,
+                                        BLOCK_M)
         for j in range(0, n_tiles):
-            i_mj = m_lo + j
-            tl.store(OUT_Q + i_mj * n_kt + i_n,
-                     attn_triton._q_state(KIND, i_mj, k_last, kv_len, Tk, Q_OFFSET, P, BS,
-                                          BLOCK_M))
+            tl.store(OUT_Q + (m_lo + j) * n_kt + i_n,
+                     tl.where(j < n_part, masks.PARTIAL, masks.FULL))
 
 
 def _mapless_states(kind, Tq, Tk, q_offset, prefix, bs, kv_len, bm, bn):
@@ -420,7 +475,9 @@ def _mapless_states(kind, Tq, Tk, q_offset, prefix, bs, kv_len, bm, bn):
 @pytest.mark.parametrize("kind", ["full", "causal", "block_causal"])
 def test_mapless_tile_ranges_match_tile_map(kind):
     # The key-tile range (forward, dQ) and query-tile range (dK/dV) the kernels compute from
-    # positions visit exactly the non-empty tiles of the tile map, with the same FULL / PARTIAL.
+    # positions visit exactly the non-empty tiles of the tile map, with the same FULL / PARTIAL;
+    # the forward and dQ loops also mask a ragged last key tile the map calls FULL (its keys past
+    # Tk), so their unmasked loop loads nothing out of range.
     rng = torch.Generator().manual_seed(len(kind))
     for _ in range(30):
         Tq, Tk = (int(x) for x in torch.randint(1, 40, (2,), generator=rng))
@@ -434,8 +491,13 @@ def test_mapless_tile_ranges_match_tile_map(kind):
                               kv_lens=torch.tensor([kv_len]))
         want = spec.tile_map(Tq, Tk, bm, bn).state[0].int()
         out_kv, out_q = _mapless_states(kind, Tq, Tk, q_offset, prefix, bs, kv_len, bm, bn)
-        assert torch.equal(out_kv, want), (Tq, Tk, bs, prefix, q_offset, kv_len, bm, bn)
-        assert torch.equal(out_q, want), (Tq, Tk, bs, prefix, q_offset, kv_len, bm, bn)
+        case = (Tq, Tk, bs, prefix, q_offset, kv_len, bm, bn)
+        assert torch.equal(out_q, want), case
+        if Tk % bn:
+            ragged = want[:, -1] == masks.FULL
+            assert (out_kv[ragged, -1] == masks.PARTIAL).all(), case
+            out_kv[ragged, -1] = masks.FULL
+        assert torch.equal(out_kv, want), case
 
 
 @pytest.mark.parametrize("make", [masks.causal, lambda **kw: masks.block_causal(4, 3, **kw),
