@@ -3,18 +3,19 @@
 The forward visits, per query tile, only the key tiles its tile map marks non-empty (online
 softmax, fp32 accumulation, base-2 logsumexp saved for the backward). The backward recomputes the
 probabilities: dK/dV per key tile over the query tiles that see it (summing a GQA group inside the
-program, so no atomics), dQ per query tile over its key tiles. FULL tiles skip the per-element
-predicate; PARTIAL tiles evaluate :func:`_visible`, which mirrors ``MaskSpec.visible``.
+program, so no atomics), dQ per query tile over its key tiles.
+
+Every loop over tiles is split in two, so that no loop branches on a tile's state (as
+FlashAttention's Triton kernels loop over the causal diagonal apart): the FULL tiles, with no
+per-element predicate (and, in the forward and dQ, unmasked key loads), and the PARTIAL ones,
+which evaluate :func:`_visible`, the mirror of ``MaskSpec.visible``.
 
 Full, causal and block_causal masks (any q_offset, with or without kv_lens) need no tile map:
-every query sees a prefix of the keys, so the kernels compute each tile's key (or query) range and
-its FULL / PARTIAL state from positions (``MAPLESS``), and decoding token by token builds nothing.
-Their FULL tiles form one run (a query tile's first key tiles; a key tile's last query tiles), so
-each loop is split in two: the run of FULL tiles with no predicate and unmasked key loads, and the
-PARTIAL rest; no tile's state is branched on inside a loop (as in FlashAttention's Triton
-kernels, which loop over the causal diagonal apart).
-The other masks use one tile map per spec and shapes: it is built for the backward's tiles and the
-forward's larger tiles are derived from it (:meth:`TileMap.coarsen`).
+every query sees a prefix of the keys, so the kernels compute each tile's key (or query) range,
+and where its FULL run starts, from positions (``MAPLESS``); decoding token by token builds
+nothing. The other masks use one tile map per spec and shapes: it is built for the backward's
+tiles, the forward's larger tiles are derived from it (:meth:`TileMap.coarsen`), and each map's
+tile lists are ordered for the two loops once (:func:`_split_map`, cached on the spec).
 
 Grids are 1-D (batch x heads x tiles flattened), so any B * H launches. fp32 inputs use tf32 dots
 when ``torch.backends.cuda.matmul.allow_tf32`` is set, IEEE fp32 otherwise.
@@ -30,15 +31,12 @@ import triton
 import triton.language as tl
 
 from blockmdm_kernels import _dispatch
-from blockmdm_kernels.masks import FULL, KINDS, PARTIAL, MaskSpec
+from blockmdm_kernels.masks import EMPTY, FULL, KINDS, PARTIAL, MaskSpec, TileMap
 
 _LOG2E = 1.4426950408889634
-_PARTIAL = tl.constexpr(PARTIAL)
-_FULL = tl.constexpr(FULL)
-# What a loop knows of its tiles' state at compile time (the KNOWN argument): nothing (read or
-# derive each tile's state), every tile FULL and in range (no predicate, unmasked key loads), or
-# every tile to be masked by the predicate.
-_ANY_STATE = tl.constexpr(0)
+# What a loop knows of its tiles at compile time (the KNOWN argument): every tile FULL (no
+# predicate; in the forward and dQ loops also in range, so key loads are unmasked), or every tile
+# to be masked by the predicate.
 _ALL_FULL = tl.constexpr(1)
 _ALL_PARTIAL = tl.constexpr(2)
 # Kinds where every query sees a prefix of the keys (kinds 0, 1, 2): no tile map needed.
@@ -156,27 +154,24 @@ def _masked(b_s, kv, i_m, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND: t
 
 
 @triton.jit
-def _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
-                KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, KEYS_FIRST: tl.constexpr, KNOWN: tl.constexpr):
-    """-inf where query tile i_m may not see key tile i_n; b_s is [BM, BN] ([BN, BM] with
-    KEYS_FIRST). ``state`` is read only when KNOWN is _ANY_STATE."""
-    if KNOWN != _ALL_FULL:
+def _apply_mask(b_s, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND: tl.constexpr,
+                HAS_KVLENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                KEYS_FIRST: tl.constexpr, KNOWN: tl.constexpr):
+    """-inf where query tile i_m may not see key tile i_n (keys past Tk included); b_s is
+    [BM, BN] ([BN, BM] with KEYS_FIRST). FULL tiles come back as they are."""
+    if KNOWN == _ALL_PARTIAL:
         o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_q = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M) + Q_OFFSET
         if KEYS_FIRST:
             kv = o_k[:, None]  # [BN, 1]
+            q = o_q[None, :]  # [1, BM]
         else:
             kv = o_k[None, :]  # [1, BN]
-        if KNOWN == _ALL_PARTIAL:
-            b_s = _masked(b_s, kv, i_m, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
-                          HAS_KVLENS, BLOCK_M, KEYS_FIRST)
-        elif state == _PARTIAL:
-            b_s = _masked(b_s, kv, i_m, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
-                          HAS_KVLENS, BLOCK_M, KEYS_FIRST)
-        elif (i_n + 1) * BLOCK_N > Tk:
-            # A FULL tile only promises every in-range element; the ragged last tile still
-            # needs bounds.
-            b_s = tl.where(kv < Tk, b_s, float("-inf"))
+            q = o_q[:, None]  # [BM, 1]
+        m_vis = _visible(KIND, q, kv, P, BS, HALF, p_mb, n_mb) & (kv < Tk)
+        if HAS_KVLENS:
+            m_vis = m_vis & (kv < kv_len)
+        b_s = tl.where(m_vis, b_s, float("-inf"))
     return b_s
 
 
@@ -190,36 +185,34 @@ def _kv_len(KV_LENS, i_b, Tk, HAS_KVLENS: tl.constexpr):
 
 
 @triton.jit
-def _kv_tiles(KV_COUNT, KV_INDEX, STATE, i_bt, i_m, n_qt, n_kt, Tq, Tk, kv_len, Q_OFFSET, P, BS,
-              KIND: tl.constexpr, MAPLESS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _kv_tiles(KV_COUNT, KV_SPLIT, KV_INDEX, i_bt, i_m, n_qt, n_kt, Tq, Tk, kv_len, Q_OFFSET, P,
+              BS, KIND: tl.constexpr, MAPLESS: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr):
-    """Key tiles of query tile i_m: (count, mapless FULL bound, index and state rows of the map)."""
+    """Key tiles of query tile i_m: (count, how many of them come first as FULL tiles in range,
+    the map's index row). Mapless kinds visit tiles 0.. in order, the FULL ones first."""
     row = (i_bt * n_qt + i_m).to(tl.int64)
     p_idx = KV_INDEX + row * n_kt
-    p_state = STATE + row * n_kt
     if MAPLESS:
         n_tiles, full_to = _kv_range(KIND, i_m, Tq, Tk, kv_len, Q_OFFSET, P, BS, BLOCK_M,
                                      BLOCK_N)
+        n_full = _n_full(full_to, n_tiles, BLOCK_N)
     else:
         n_tiles = tl.load(KV_COUNT + row)
-        full_to = Tk
-    return n_tiles, full_to, p_idx, p_state
+        n_full = tl.load(KV_SPLIT + row)
+    return n_tiles, n_full, p_idx
 
 
 @triton.jit
-def _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to, i_m, o_d, Tk, qk_scale,
-              Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND: tl.constexpr,
-              HAS_KVLENS: tl.constexpr, MAPLESS: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KNOWN: tl.constexpr):
+def _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, j, i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS,
+              HALF, p_mb, n_mb, kv_len, KIND: tl.constexpr, HAS_KVLENS: tl.constexpr,
+              MAPLESS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr, KNOWN: tl.constexpr):
     """The j-th non-empty key tile of query tile i_m: masked scores [BM, BN] (base 2), K and V
     [BN, D]. Shared by the forward and the dQ kernel."""
     if MAPLESS:
-        # The caller's loop knows the state (KNOWN is _ALL_FULL or _ALL_PARTIAL).
         i_n = j
-        state = _FULL
     else:
         i_n = tl.load(p_idx + j)
-        state = tl.load(p_state + i_n)
     o_k = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     p_k = p_k0 + o_k[:, None] * s_kt + o_d[None, :]
     p_v = p_v0 + o_k[:, None] * s_vt + o_d[None, :]
@@ -231,8 +224,8 @@ def _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to, i_m, o_d,
         b_k = tl.load(p_k, mask=m_k[:, None], other=0.0)
         b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
-    b_s = _apply_mask(b_s, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
-                      KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, False, KNOWN)
+    b_s = _apply_mask(b_s, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
+                      HAS_KVLENS, BLOCK_M, BLOCK_N, False, KNOWN)
     return b_s, b_k, b_v
 
 
@@ -270,7 +263,7 @@ def _dq_step(b_s, b_k, b_v, b_do, b_lse, b_delta, b_dq, PRECISION: tl.constexpr)
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KV_COUNT, KV_INDEX, STATE, MB, KV_LENS,
+    Q, K, V, O, LSE, KV_COUNT, KV_SPLIT, KV_INDEX, MB, KV_LENS,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
     s_mbb, n_mb, Tq, Tk, H, G, n_qt, n_kt, qk_scale, Q_OFFSET, P, BS, HALF, TQ_BUCKET, TK_BUCKET,
     KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, MAPLESS: tl.constexpr,
@@ -296,35 +289,24 @@ def _attn_fwd_kernel(
     p_v0 = V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
     p_mb = MB + i_b64 * s_mbb
     kv_len = _kv_len(KV_LENS, i_b, Tk, HAS_KVLENS)
-    n_tiles, full_to, p_idx, p_state = _kv_tiles(
-        KV_COUNT, KV_INDEX, STATE, i_bt, i_m, n_qt, n_kt, Tq, Tk, kv_len, Q_OFFSET, P, BS, KIND,
+    n_tiles, n_full, p_idx = _kv_tiles(
+        KV_COUNT, KV_SPLIT, KV_INDEX, i_bt, i_m, n_qt, n_kt, Tq, Tk, kv_len, Q_OFFSET, P, BS, KIND,
         MAPLESS, BLOCK_M, BLOCK_N)
 
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     b_acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if MAPLESS:
-        # The FULL tiles come first: a loop with no predicate and no bounds, then the rest.
-        n_full = _n_full(full_to, n_tiles, BLOCK_N)
-        for j in range(0, n_full):
-            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
-                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
-                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
-                                      PRECISION, _ALL_FULL)
-            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
-        for j in range(n_full, n_tiles):
-            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
-                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
-                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
-                                      PRECISION, _ALL_PARTIAL)
-            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
-    else:
-        for j in range(0, n_tiles):
-            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
-                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
-                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
-                                      PRECISION, _ANY_STATE)
-            b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
+    # The FULL tiles in range first, in a loop with no predicate and unmasked loads; then the rest.
+    for j in range(0, n_full):
+        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, j, i_m, o_d, Tk, qk_scale,
+                                  Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND, HAS_KVLENS,
+                                  MAPLESS, BLOCK_M, BLOCK_N, PRECISION, _ALL_FULL)
+        b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
+    for j in range(n_full, n_tiles):
+        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, j, i_m, o_d, Tk, qk_scale,
+                                  Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND, HAS_KVLENS,
+                                  MAPLESS, BLOCK_M, BLOCK_N, PRECISION, _ALL_PARTIAL)
+        b_m, b_l, b_acc = _softmax_step(b_s, b_v, b_m, b_l, b_acc, PRECISION)
 
     m_seen = b_l > 0
     b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]
@@ -365,7 +347,17 @@ def _n_partial(KIND: tl.constexpr, m_lo, n_tiles, k_last, kv_len, Q_OFFSET, P, B
 
 
 @triton.jit
-def _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, p_lse, p_delta, i_m, i_n, state, o_d, Tq, Tk,
+def _query_tile(p_idx, m_lo, j, MAPLESS: tl.constexpr):
+    """The j-th query tile a key tile visits."""
+    if MAPLESS:
+        i_m = m_lo + j
+    else:
+        i_m = tl.load(p_idx + j)
+    return i_m
+
+
+@triton.jit
+def _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, p_lse, p_delta, i_m, i_n, o_d, Tq, Tk,
                s_qt, s_dt, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
                KIND: tl.constexpr, HAS_KVLENS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KNOWN: tl.constexpr):
@@ -381,8 +373,8 @@ def _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, p_lse, p_delta, i_m, i_n, stat
     b_lse = tl.load(p_lse + o_q, mask=m_q, other=float("inf"))  # [BM]
     b_delta = tl.load(p_delta + o_q, mask=m_q, other=0.0)  # [BM]
     b_st = tl.dot(b_k, b_qt, input_precision=PRECISION) * qk_scale  # [BN, BM]
-    b_st = _apply_mask(b_st, state, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
-                       KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, True, KNOWN)
+    b_st = _apply_mask(b_st, i_m, i_n, Tk, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
+                       HAS_KVLENS, BLOCK_M, BLOCK_N, True, KNOWN)
     b_pt = tl.math.exp2(b_st - b_lse[None, :])  # [BN, BM]
     b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
@@ -393,7 +385,7 @@ def _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, p_lse, p_delta, i_m, i_n, stat
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_INDEX, STATE, MB, KV_LENS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_COUNT, Q_SPLIT, Q_INDEX, MB, KV_LENS,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
     s_dkb, s_dkt, s_dkh, s_dvb, s_dvt, s_dvh,
     s_mbb, n_mb, Tq, Tk, H, Hkv, G, n_qt, n_kt, qk_scale, scale, Q_OFFSET, P, BS, HALF,
@@ -422,13 +414,15 @@ def _attn_bwd_dkdv_kernel(
 
     col = (i_bt * n_kt + i_n).to(tl.int64)
     p_idx = Q_INDEX + col * n_qt
-    p_state = STATE + i_bt.to(tl.int64) * n_qt * n_kt + i_n
     if MAPLESS:
+        # Query tiles m_lo.. in order: the PARTIAL ones (the diagonal) come first.
         m_lo, n_tiles, k_last = _q_range(KIND, i_n, n_qt, Tq, Tk, kv_len, Q_OFFSET, P, BS, BLOCK_M,
                                          BLOCK_N)
         n_part = _n_partial(KIND, m_lo, n_tiles, k_last, kv_len, Q_OFFSET, P, BS, BLOCK_M)
     else:
+        m_lo = 0
         n_tiles = tl.load(Q_COUNT + col)
+        n_part = tl.load(Q_SPLIT + col)
 
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -437,27 +431,18 @@ def _attn_bwd_dkdv_kernel(
         p_q0 = Q + i_b64 * s_qb + i_h * s_qh
         p_do0 = DO + i_b64 * s_db + i_h * s_dh
         p_row = (i_b64 * H + i_h) * Tq
-        if MAPLESS:
-            # The PARTIAL query tiles come first (the diagonal), then the FULL ones.
-            for j in range(0, n_part):
-                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, LSE + p_row,
-                                        DELTA + p_row, m_lo + j, i_n, _PARTIAL, o_d, Tq, Tk, s_qt,
-                                        s_dt, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
-                                        KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, PRECISION,
-                                        _ALL_PARTIAL)
-            for j in range(n_part, n_tiles):
-                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, LSE + p_row,
-                                        DELTA + p_row, m_lo + j, i_n, _FULL, o_d, Tq, Tk, s_qt,
-                                        s_dt, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len,
-                                        KIND, HAS_KVLENS, BLOCK_M, BLOCK_N, PRECISION, _ALL_FULL)
-        else:
-            for j in range(0, n_tiles):
-                i_m = tl.load(p_idx + j)
-                state = tl.load(p_state + i_m.to(tl.int64) * n_kt)
-                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, LSE + p_row,
-                                        DELTA + p_row, i_m, i_n, state, o_d, Tq, Tk, s_qt, s_dt,
-                                        qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND,
-                                        HAS_KVLENS, BLOCK_M, BLOCK_N, PRECISION, _ANY_STATE)
+        for j in range(0, n_part):
+            i_m = _query_tile(p_idx, m_lo, j, MAPLESS)
+            b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, LSE + p_row, DELTA + p_row,
+                                    i_m, i_n, o_d, Tq, Tk, s_qt, s_dt, qk_scale, Q_OFFSET, P, BS,
+                                    HALF, p_mb, n_mb, kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N,
+                                    PRECISION, _ALL_PARTIAL)
+        for j in range(n_part, n_tiles):
+            i_m = _query_tile(p_idx, m_lo, j, MAPLESS)
+            b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q0, p_do0, LSE + p_row, DELTA + p_row,
+                                    i_m, i_n, o_d, Tq, Tk, s_qt, s_dt, qk_scale, Q_OFFSET, P, BS,
+                                    HALF, p_mb, n_mb, kv_len, KIND, HAS_KVLENS, BLOCK_M, BLOCK_N,
+                                    PRECISION, _ALL_FULL)
 
     p_dk = DK + i_b64 * s_dkb + i_hk.to(tl.int64) * s_dkh + o_k[:, None] * s_dkt + o_d[None, :]
     p_dv = DV + i_b64 * s_dvb + i_hk.to(tl.int64) * s_dvh + o_k[:, None] * s_dvt + o_d[None, :]
@@ -467,7 +452,7 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_INDEX, STATE, MB, KV_LENS,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_COUNT, KV_SPLIT, KV_INDEX, MB, KV_LENS,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_db, s_dt, s_dh,
     s_dqb, s_dqt, s_dqh,
     s_mbb, n_mb, Tq, Tk, H, G, n_qt, n_kt, qk_scale, scale, Q_OFFSET, P, BS, HALF, TQ_BUCKET,
@@ -498,32 +483,21 @@ def _attn_bwd_dq_kernel(
     p_v0 = V + i_b64 * s_vb + i_hk.to(tl.int64) * s_vh
     p_mb = MB + i_b64 * s_mbb
     kv_len = _kv_len(KV_LENS, i_b, Tk, HAS_KVLENS)
-    n_tiles, full_to, p_idx, p_state = _kv_tiles(
-        KV_COUNT, KV_INDEX, STATE, i_bt, i_m, n_qt, n_kt, Tq, Tk, kv_len, Q_OFFSET, P, BS, KIND,
+    n_tiles, n_full, p_idx = _kv_tiles(
+        KV_COUNT, KV_SPLIT, KV_INDEX, i_bt, i_m, n_qt, n_kt, Tq, Tk, kv_len, Q_OFFSET, P, BS, KIND,
         MAPLESS, BLOCK_M, BLOCK_N)
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
-    if MAPLESS:
-        n_full = _n_full(full_to, n_tiles, BLOCK_N)
-        for j in range(0, n_full):
-            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
-                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
-                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
-                                      PRECISION, _ALL_FULL)
-            b_dq = _dq_step(b_s, b_k, b_v, b_do, b_lse, b_delta, b_dq, PRECISION)
-        for j in range(n_full, n_tiles):
-            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
-                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
-                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
-                                      PRECISION, _ALL_PARTIAL)
-            b_dq = _dq_step(b_s, b_k, b_v, b_do, b_lse, b_delta, b_dq, PRECISION)
-    else:
-        for j in range(0, n_tiles):
-            b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, p_state, j, full_to,
-                                      i_m, o_d, Tk, qk_scale, Q_OFFSET, P, BS, HALF, p_mb, n_mb,
-                                      kv_len, KIND, HAS_KVLENS, MAPLESS, BLOCK_M, BLOCK_N,
-                                      PRECISION, _ANY_STATE)
-            b_dq = _dq_step(b_s, b_k, b_v, b_do, b_lse, b_delta, b_dq, PRECISION)
+    for j in range(0, n_full):
+        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, j, i_m, o_d, Tk, qk_scale,
+                                  Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND, HAS_KVLENS,
+                                  MAPLESS, BLOCK_M, BLOCK_N, PRECISION, _ALL_FULL)
+        b_dq = _dq_step(b_s, b_k, b_v, b_do, b_lse, b_delta, b_dq, PRECISION)
+    for j in range(n_full, n_tiles):
+        b_s, b_k, b_v = _key_tile(b_q, p_k0, p_v0, s_kt, s_vt, p_idx, j, i_m, o_d, Tk, qk_scale,
+                                  Q_OFFSET, P, BS, HALF, p_mb, n_mb, kv_len, KIND, HAS_KVLENS,
+                                  MAPLESS, BLOCK_M, BLOCK_N, PRECISION, _ALL_PARTIAL)
+        b_dq = _dq_step(b_s, b_k, b_v, b_do, b_lse, b_delta, b_dq, PRECISION)
 
     p_dq = DQ + i_b64 * s_dqb + i_h.to(tl.int64) * s_dqh + o_q[:, None] * s_dqt + o_d[None, :]
     tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_q[:, None])
@@ -584,21 +558,44 @@ def _precision(q: torch.Tensor) -> str:
     return "tf32"
 
 
+def _ordered(group: torch.Tensor) -> torch.Tensor:
+    """int32 [..., C]: the columns of each row by ``group`` (int [..., C]), then ascending."""
+    cols = group.shape[-1]
+    return torch.argsort(group * cols + torch.arange(cols, device=group.device),
+                         dim=-1).to(torch.int32).contiguous()
+
+
+def _split_map(tm: TileMap, Tk: int):
+    """(kv_count, kv_split, kv_index, q_count, q_split, q_index): the loops' view of a tile map.
+    Per query tile its FULL key tiles within Tk first (kv_split of them: the forward and dQ visit
+    them without predicate or bounds), then its other non-empty ones; per key tile its PARTIAL
+    query tiles first (q_split), then its FULL ones (dK/dV)."""
+    state = tm.state
+    in_range = torch.arange(1, state.shape[2] + 1, device=state.device) * tm.block_n <= Tk
+    full_kv = (state == FULL) & in_range
+    kv_index = _ordered(torch.where(full_kv, 0, torch.where(state != EMPTY, 1, 2)))
+    by_key = state.transpose(1, 2)
+    q_index = _ordered(torch.where(by_key == PARTIAL, 0, torch.where(by_key == FULL, 1, 2)))
+    return (tm.kv_count, full_kv.sum(-1, dtype=torch.int32), kv_index,
+            tm.q_count, (by_key == PARTIAL).sum(-1, dtype=torch.int32), q_index)
+
+
 def _tile_args(spec: MaskSpec, q: torch.Tensor, Tq: int, Tk: int, bwd: bool):
-    """((kv_count, kv_index, q_count, q_index, state), tile kwargs) for one pass; mapless kinds
-    pass placeholders and the kernels derive tile ranges from positions."""
+    """(:func:`_split_map`'s six tensors, tile kwargs) for one pass; mapless kinds pass
+    placeholders and the kernels derive tile ranges from positions."""
     fwd_tiles, bwd_tiles = tile_sizes(q)
     bm, bn = bwd_tiles if bwd else fwd_tiles
     n_qt, n_kt = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
     if spec.kind in MAPLESS_KINDS:
-        return (q,) * 5, dict(TILE_BATCHED=0, n_qt=n_qt, n_kt=n_kt, BLOCK_M=bm, BLOCK_N=bn,
+        return (q,) * 6, dict(TILE_BATCHED=0, n_qt=n_qt, n_kt=n_kt, BLOCK_M=bm, BLOCK_N=bn,
                               MAPLESS=True)
     # The backward's map first: the forward's (coarser) map is derived from it, and the
     # backward finds it cached on the spec.
     tm = spec.tile_map(Tq, Tk, *bwd_tiles, q.device)
     if not bwd:
         tm = spec.tile_map(Tq, Tk, bm, bn, q.device)
-    maps = (tm.kv_count, tm.kv_index, tm.q_count, tm.q_index, tm.state)
+    maps = spec.derived(("triton loops", Tq, Tk, bm, bn, str(q.device)),
+                        lambda: _split_map(tm, Tk))
     return maps, dict(TILE_BATCHED=int(tm.state.shape[0] > 1), n_qt=n_qt, n_kt=n_kt,
                       BLOCK_M=bm, BLOCK_N=bn, MAPLESS=False)
 
@@ -623,13 +620,13 @@ def forward(q, k, v, spec: MaskSpec, scale: float):
     """q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> (o [B, Tq, H, D], lse fp32 [B, H, Tq] in base 2)."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    (kv_count, kv_index, _, _, state), tiles = _tile_args(spec, q, Tq, Tk, bwd=False)
+    (kv_count, kv_split, kv_index, _, _, _), tiles = _tile_args(spec, q, Tq, Tk, bwd=False)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     tuned = _dispatch.autotune()
     fwd, _, _ = _kernels(tuned)
     fwd[(B * H * tiles["n_qt"],)](
-        q, k, v, o, lse, kv_count, kv_index, state,
+        q, k, v, o, lse, kv_count, kv_split, kv_index,
         s_qb=q.stride(0), s_qt=q.stride(1), s_qh=q.stride(2),
         s_kb=k.stride(0), s_kt=k.stride(1), s_kh=k.stride(2),
         s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2),
@@ -644,7 +641,8 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
     """Gradients (dq, dk, dv) of :func:`forward` given its output o and lse."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
-    (kv_count, kv_index, q_count, q_index, state), tiles = _tile_args(spec, q, Tq, Tk, bwd=True)
+    (kv_count, kv_split, kv_index, q_count, q_split, q_index), tiles = _tile_args(
+        spec, q, Tq, Tk, bwd=True)
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     n_m = triton.cdiv(Tq, 64)
@@ -664,12 +662,12 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
         **tiles, **_mask_args(spec, q, Tq, Tk), **_launch_config(q, tuned),
     )
     dkdv[(B * Hkv * tiles["n_kt"],)](
-        q, k, v, do, lse, delta, dk, dv, q_count, q_index, state,
+        q, k, v, do, lse, delta, dk, dv, q_count, q_split, q_index,
         s_dkb=dk.stride(0), s_dkt=dk.stride(1), s_dkh=dk.stride(2),
         s_dvb=dv.stride(0), s_dvt=dv.stride(1), s_dvh=dv.stride(2), Hkv=Hkv, **common,
     )
     dqk[(B * H * tiles["n_qt"],)](
-        q, k, v, do, lse, delta, dq, kv_count, kv_index, state,
+        q, k, v, do, lse, delta, dq, kv_count, kv_split, kv_index,
         s_dqb=dq.stride(0), s_dqt=dq.stride(1), s_dqh=dq.stride(2), **common,
     )
     return dq, dk, dv

@@ -500,6 +500,32 @@ def test_mapless_tile_ranges_match_tile_map(kind):
         assert torch.equal(out_kv, want), case
 
 
+def test_split_map_orders_each_loop_group():
+    # Map kinds: per query tile, its FULL key tiles within Tk first (no predicate, no bounds),
+    # then the other non-empty ones; per key tile, its PARTIAL query tiles first, then the FULL.
+    torch.manual_seed(0)
+    Tq = Tk = 75  # the last key tile is ragged
+    spec = masks.jigsaw(4, _mb(2, 19), prefix=3, kv_lens=torch.tensor([75, 50]))
+    tm = spec.tile_map(Tq, Tk, 8, 8)
+    kv_count, kv_split, kv_index, q_count, q_split, q_index = attn_triton._split_map(tm, Tk)
+    state = tm.state
+    for b in range(2):
+        for i in range(state.shape[1]):
+            row = kv_index[b, i, :kv_count[b, i]].tolist()
+            assert sorted(row) == (state[b, i] != masks.EMPTY).nonzero().flatten().tolist()
+            full = row[:kv_split[b, i]]
+            assert all(state[b, i, j] == masks.FULL and (j + 1) * 8 <= Tk for j in full)
+            assert all(state[b, i, j] == masks.PARTIAL or (j + 1) * 8 > Tk
+                       for j in row[kv_split[b, i]:])
+            assert full == sorted(full)
+        for j in range(state.shape[2]):
+            col = q_index[b, j, :q_count[b, j]].tolist()
+            assert sorted(col) == (state[b, :, j] != masks.EMPTY).nonzero().flatten().tolist()
+            assert all(state[b, i, j] == masks.PARTIAL for i in col[:q_split[b, j]])
+            assert all(state[b, i, j] == masks.FULL for i in col[q_split[b, j]:])
+    assert (kv_split > 0).any() and (q_split < q_count).any()
+
+
 @pytest.mark.parametrize("make", [masks.causal, lambda **kw: masks.block_causal(4, 3, **kw),
                                   masks.full], ids=["causal", "block_causal", "full"])
 def test_triton_decoding_builds_no_tile_map(make, count_tile_builds, monkeypatch):
