@@ -132,8 +132,9 @@ class Corrupted:
 
     def all_rows(self) -> Corrupted:
         """Token tasks: the same loss with every position a loss row: targets outside the loss
-        become 0 (their weight is 0) and ``selected`` is arange(B * T). The shapes no longer
-        depend on the noise, as replaying a step with CUDA graphs needs."""
+        become 0 (their weight is 0) and ``selected`` is arange(B * T) (bd3: every position of
+        the x_t half). The shapes no longer depend on the noise, as replaying a step with CUDA
+        graphs needs."""
         if self.inputs.is_floating_point():
             return self
         keep = self.weights != 0
@@ -141,6 +142,9 @@ class Corrupted:
                               torch.zeros_like(self.targets))
         weights = torch.where(keep, self.weights, torch.zeros_like(self.weights))
         rows = torch.arange(targets.numel(), device=targets.device)
+        if self.kind == "bd3":
+            # Every position of the x_t half, the part of the sequence the loss reads.
+            rows = rows.view(targets.shape)[:, :self.seq_len].reshape(-1)
         return replace(self, targets=targets, weights=weights, selected=rows)
 
 
@@ -398,13 +402,21 @@ def family_loss(model, batch: Corrupted, *, scale: float = 1.0):
 def family_loss_sum(model, batch: Corrupted):
     """sum(weights * loss) of a corrupted batch: the model forward and the loss, with no
     Python number that changes between steps (what torch.compile traces as one graph)."""
+    # bd3: every loss position is in the x_t half, the first seq_len positions.
+    keep = batch.seq_len if batch.kind == "bd3" else None
     h = model.hidden_states(batch.inputs, mask=batch.spec(), positions=batch.positions,
-                            masked=batch.masked)
+                            masked=batch.masked, keep=keep)
+    targets, weights, rows = batch.targets, batch.weights, batch.selected
+    if keep is not None:
+        T = targets.shape[1]
+        targets, weights = targets[:, :keep], weights[:, :keep]
+        if rows is not None:
+            # Flattened [B * T] indices into [B * keep] ones (every loss row has position < keep).
+            rows = rows // T * keep + rows % T
     if batch.inputs.is_floating_point():
-        total = model.vector_loss(h, batch.targets, batch.weights)
+        total = model.vector_loss(h, targets, weights)
     else:
-        total = model.token_loss(h, batch.targets, batch.weights, focal_gamma=batch.focal_gamma,
-                                 rows=batch.selected)
+        total = model.token_loss(h, targets, weights, focal_gamma=batch.focal_gamma, rows=rows)
     return total
 
 

@@ -158,19 +158,26 @@ class Attention(nn.Module):
                               * config.head_dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, start):
+    def forward(self, x, cos, sin, mask, cache, start, keep=None):
+        """Attention output [B, t, dim]; with ``keep``, only the first ``keep`` positions query
+        (every position still gives its key and value): [B, keep, dim]."""
         B, t, _ = x.shape
-        q, k, v = self.wqkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-             self.n_kv_head * self.head_dim], dim=-1)
-        q = _apply_rope(q.view(B, t, self.n_head, self.head_dim), cos, sin)
+        n_q, n_kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        if keep is None:
+            q, k, v = self.wqkv(x).split([n_q, n_kv, n_kv], dim=-1)
+        else:
+            w_q, w_kv = self.wqkv.weight.split([n_q, 2 * n_kv])
+            q = F.linear(x[:, :keep], w_q)
+            k, v = F.linear(x, w_kv).split([n_kv, n_kv], dim=-1)
+        tq = q.shape[1]
+        q = _apply_rope(q.view(B, tq, self.n_head, self.head_dim), cos[:, :tq], sin[:, :tq])
         k = _apply_rope(k.view(B, t, self.n_kv_head, self.head_dim), cos, sin)
         v = v.view(B, t, self.n_kv_head, self.head_dim)
         if cache is not None:
             k, v = cache.update(self.layer, start, k.to(cache.k.dtype), v.to(cache.v.dtype))
             k, v = k.to(q.dtype), v.to(q.dtype)
         o = bk.block_attention(q, k, v, mask)
-        return self.wo(o.reshape(B, t, self.n_head * self.head_dim))
+        return self.wo(o.reshape(B, tq, self.n_head * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -192,8 +199,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, cache, start):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask, cache, start, keep=None):
+        """The block's output [B, t, dim], or for the first ``keep`` positions only."""
+        out = self.attention(self.attention_norm(x), cos, sin, mask, cache, start, keep)
+        x = out + (x if keep is None else x[:, :keep])
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -245,8 +254,8 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
 
     def hidden_states(self, x, *, mask=None, cache=None, start: int = 0, positions=None,
-                      masked=None):
-        """The final normalised hidden states [B, t, dim].
+                      masked=None, keep=None):
+        """The final normalised hidden states [B, t, dim] ([B, keep, dim] with ``keep``).
 
         Args:
             x: int64 tokens [B, t]; for the continuous task float vectors [B, t, input_dim].
@@ -257,6 +266,10 @@ class Transformer(nn.Module):
                 start..start+t-1. BD3 training gives both halves of [x_t | x_0] the positions
                 0..n-1. On CUDA an out-of-range position fails as a device-side assert.
             masked: continuous task only, bool [B, t]: vectors replaced by the mask embedding.
+            keep: None, or the number of leading positions whose states are returned. The last
+                layer then computes queries, attention output and feed-forward for those only
+                (the other positions still give it their keys and values): BD3 training keeps
+                the x_t half, whose loss never reads the x_0 half's last-layer outputs.
         """
         if self.continuous:
             if x.dim() != 3 or x.shape[-1] != self.config.input_dim or not x.is_floating_point():
@@ -291,10 +304,13 @@ class Transformer(nn.Module):
                 cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             except IndexError:
                 raise ValueError(f"positions must be < max_len={self.config.max_len}") from None
+        if keep is not None and not (isinstance(keep, int) and 0 < keep <= t):
+            raise ValueError(f"keep must be None or an int in [1, {t}], got {keep!r}")
         if mask is None:
             mask = masks.full(q_offset=start)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache, start)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, cache, start, keep if i == last else None)
         return self.norm(h)
 
     def forward(self, x, *, mask=None, cache=None, start: int = 0, positions=None, masked=None):

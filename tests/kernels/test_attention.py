@@ -46,6 +46,8 @@ CASES = [
     ("bd3_b16", lambda: masks.bd3(16), 1, 200, 200, 2, 2, 16),
     ("bd3_b64_prefix_blind", lambda: masks.bd3(64, prefix=5, kv_lens=torch.tensor([40, 200])), 2,
      200, 200, 2, 1, 16),
+    # The last layer of BD3 training: the x_t half's queries over both halves' keys.
+    ("bd3_b16_xt_queries", lambda: masks.bd3(16, prefix=3, seq_len=100), 2, 100, 200, 2, 1, 16),
 ]
 CASE_IDS = [c[0] for c in CASES]
 SMALL = ["causal_gqa", "block_causal_b3_prefix", "scatter_b16_prefix_mqa", "jigsaw_b16_kvlens",

@@ -134,6 +134,47 @@ def test_bd3_doubles_the_sequence():
     assert per_block.std(1).mean() > 0.1
 
 
+@pytest.mark.parametrize("continuous", [False, True], ids=["tokens", "vectors"])
+def test_bd3_loss_skips_the_clean_half_of_the_last_layer(continuous):
+    # The loss reads only the x_t half, so the last layer computes queries, attention output and
+    # feed-forward for that half only: the same loss and gradients as the whole sequence.
+    torch.manual_seed(0)
+    T, d = P + 24, 3
+    if continuous:
+        x = torch.randn(3, T, d)
+        config = ModelConfig(input_dim=d, n_layer=2, dim=32, n_head=2, max_len=2 * T)
+    else:
+        x = _tokens(3, T)
+        config = ModelConfig(vocab_size=V, mask_id=MASK, n_layer=2, dim=32, n_head=2,
+                             max_len=2 * T)
+    model = Transformer(config).double()
+    batch = get_family("bd3").corrupt(x, prefix=P, block_size=BS, generator=_gen(),
+                                      mask_id=None if continuous else MASK,
+                                      targetable=torch.ones(T, dtype=torch.bool))
+    if continuous:
+        batch.inputs = batch.inputs.double()
+        batch.targets = batch.targets.double()
+    assert batch.selected is not None or continuous
+    loss = family_loss(model, batch)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    # The same loss over every position's final states.
+    h = model.hidden_states(batch.inputs, mask=batch.spec(), positions=batch.positions,
+                            masked=batch.masked)
+    assert h.shape[1] == 2 * T
+    if continuous:
+        want = model.vector_loss(h, batch.targets, batch.weights)
+    else:
+        want = model.token_loss(h, batch.targets, batch.weights)
+    want = want / batch.normaliser
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    for g, w in zip(grads, torch.autograd.grad(want, list(model.parameters()))):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    assert model.hidden_states(batch.inputs, mask=batch.spec(), positions=batch.positions,
+                               masked=batch.masked, keep=T).shape[1] == T
+    with pytest.raises(ValueError, match="keep"):
+        model.hidden_states(batch.inputs, keep=0)
+
+
 def test_ar_targets_are_next_tokens():
     x = _tokens()
     batch = get_family("ar").corrupt(x, prefix=P, block_size=BS, generator=_gen(), mask_id=MASK)
