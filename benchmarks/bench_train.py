@@ -182,12 +182,13 @@ def flop_ceiling(model: Transformer, batch, ours: float | None = None) -> float:
     """Plain's matmul FLOPs of one step over ours (``blockmdm.study.flops.sequence_flops``): ours
     attends over the mask's visible pairs and projects the loss rows; plain computes every
     (query, key) pair (a dense boolean mask or none; ar's ``is_causal`` SDPA skips the pairs
-    above the diagonal, so those count as ours) and the logits of every position. ``ours``:
+    above the diagonal, so those count as ours), the logits of every position and bd3's last
+    layer over both halves (ours queries only the x_t half there). ``ours``:
     the batch's own count when already known."""
     config = model.config
     ours = sequence_flops(config, batch) if ours is None else ours
     plain = sequence_flops(config, batch, dense_attention=batch.spec().kind != "causal",
-                           full_readout=True)
+                           full_readout=True, whole_last_layer=True)
     return plain / ours
 
 
@@ -355,8 +356,9 @@ def main(argv=None):
         f"{backbone['n_layer']} layers, dim {backbone['dim']}, {backbone['n_head']} heads. "
         "Tokens per step = B * T (bd3 included, whose input is 2T long). "
         "`ours vs X` = X ms / ours ms; `FLOP ceiling` = plain's matmul FLOPs / ours' "
-        "(blockmdm.study.flops.sequence_flops: ours attends over the visible pairs and projects "
-        "the loss rows, plain computes every pair, ar's is_causal excepted, and every logit), "
+        "(blockmdm.study.flops.sequence_flops: ours attends over the visible pairs, projects "
+        "the loss rows and runs bd3's last layer for the x_t half's queries only; plain computes "
+        "every pair, ar's is_causal excepted, every logit and bd3's whole last layer), "
         "the most ours can gain in matmul FLOPs; `/ ar tok/s` = tokens/s relative to ar with "
         "the same implementation; `ar FLOP ratio` = ar's matmul FLOPs per token / the "
         "family's (both ours), the most `ours / ar tok/s` can reach in FLOPs. Times are "

@@ -104,8 +104,9 @@ def test_main_smoke_writes_a_row_per_family(tmp_path):
     assert 1.0 <= ceiling["ar"] < 1.02 and 1.0 <= ceiling["mdm"] < 1.02
     assert all(1.0 < ceiling[f] < ceiling["bd3"] for f in ("block", "jigsaw", "scatter"))
     ratio = {r["family"]: float(r["ar FLOP ratio"]) for r in rows}
-    # bd3 runs the backbone over 2T positions: about half of ar's FLOPs per token
-    assert ratio["ar"] == pytest.approx(1.0) and 0.4 < ratio["bd3"] < 0.6
+    # bd3 runs the backbone over 2T positions, but its last layer queries the x_t half only:
+    # over half of ar's FLOPs per token, the more the fewer the layers (0.85 at this one layer)
+    assert ratio["ar"] == pytest.approx(1.0) and 0.45 < ratio["bd3"] < 0.9, ratio["bd3"]
     assert "ar FLOP ratio at T" not in md.read_text() or "bd3 0." in md.read_text()
 
 

@@ -41,6 +41,12 @@ def test_forward_flops_hand_count():
     vec = ModelConfig(input_dim=4, n_layer=1, dim=32, n_head=2, intermediate=64)
     assert forward_flops(vec, n_positions=5, visible_pairs=25, n_readout=5) == (
         5 * per_position + 4 * 2 * 16 * 25 + 2 * 4 * 32 * 5 + 2 * 32 * 4 * 5)
+    # bd3's last layer: keys and values (2*32*64) for all 7 positions, the rest for 4 queries
+    # over their 12 visible pairs.
+    last = 7 * 2 * 32 * 64 + 4 * (2 * 32 * 32 + 2 * 32 * 32 + 3 * 2 * 32 * 64) + 2 * 2 * 2 * 16 * 12
+    assert forward_flops(cfg, n_positions=7, visible_pairs=20, n_readout=3, n_last=4,
+                         last_pairs=12) == (7 * per_position + 2 * 2 * 2 * 16 * 20) + last + \
+        2 * 32 * 10 * 3
 
 
 def _cfg(family, **kw):
