@@ -99,6 +99,12 @@ class Corrupted:
             return masks.MaskSpec(self.kind, self.block_size, self.prefix)
         return masks.MaskSpec(self.kind)
 
+    @property
+    def loss_len(self) -> int | None:
+        """bd3: every loss position lies in the first ``seq_len`` positions (the x_t half), and
+        the model computes its last layer for those only; None for the other families."""
+        return self.seq_len if self.kind == "bd3" else None
+
     def rows(self, start: int, stop: int) -> Corrupted:
         """The rows start..stop-1 (a data-parallel shard); the normaliser stays global."""
         def cut(x):
@@ -142,9 +148,8 @@ class Corrupted:
                               torch.zeros_like(self.targets))
         weights = torch.where(keep, self.weights, torch.zeros_like(self.weights))
         rows = torch.arange(targets.numel(), device=targets.device)
-        if self.kind == "bd3":
-            # Every position of the x_t half, the part of the sequence the loss reads.
-            rows = rows.view(targets.shape)[:, :self.seq_len].reshape(-1)
+        if self.loss_len is not None:
+            rows = rows.view(targets.shape)[:, :self.loss_len].reshape(-1)
         return replace(self, targets=targets, weights=weights, selected=rows)
 
 
@@ -402,8 +407,7 @@ def family_loss(model, batch: Corrupted, *, scale: float = 1.0):
 def family_loss_sum(model, batch: Corrupted):
     """sum(weights * loss) of a corrupted batch: the model forward and the loss, with no
     Python number that changes between steps (what torch.compile traces as one graph)."""
-    # bd3: every loss position is in the x_t half, the first seq_len positions.
-    keep = batch.seq_len if batch.kind == "bd3" else None
+    keep = batch.loss_len
     h = model.hidden_states(batch.inputs, mask=batch.spec(), positions=batch.positions,
                             masked=batch.masked, keep=keep)
     targets, weights, rows = batch.targets, batch.weights, batch.selected

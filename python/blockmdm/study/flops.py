@@ -101,7 +101,7 @@ def sequence_flops(config: ModelConfig, batch, *, dense_attention: bool = False,
             default: the x_t half's queries only (what the blockmdm model computes).
     """
     n_positions = batch.inputs.shape[1]
-    keep = batch.seq_len if batch.kind == "bd3" and not whole_last_layer else None
+    keep = None if whole_last_layer else batch.loss_len
     dense = None if dense_attention else batch.spec().dense(n_positions, n_positions, "cpu")
     if dense_attention:
         visible = float(n_positions) ** 2
