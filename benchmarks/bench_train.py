@@ -73,9 +73,7 @@ SHAPES = {
 
 
 def _rms_norm(x, norm):
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).type_as(x) \
-        * norm.weight
+    return F.rms_norm(x, norm.weight.shape, norm.weight.to(x.dtype), norm.eps)
 
 
 def _rope(x, cos, sin):

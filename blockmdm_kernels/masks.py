@@ -196,6 +196,25 @@ class MaskSpec:
             vis = vis & (kv < self.kv_lens[b])
         return vis
 
+    def sees_all(self, Tq: int, Tk: int) -> bool:
+        """Whether every query sees every key (from the parameters alone, no tensor work): then
+        the mask is full attention, whatever its kind. Decoding with a KV cache is this case
+        (an AR step's one query after all its keys; a cached block's queries over the blocks up
+        to theirs). Only full, causal and block_causal without kv_lens are ever True."""
+        if self.kv_lens is not None or Tq == 0 or Tk == 0:
+            return False
+        if self.kind == "full":
+            return True
+        if self.kind == "causal":
+            return Tk - 1 <= self.q_offset
+        if self.kind == "block_causal":
+            def block(p):
+                return (p - self.prefix) // self.block_size if p >= self.prefix else -1
+            # Blocks grow with position: the first query's block bounds them all from below,
+            # the last key's bounds the keys' from above.
+            return block(Tk - 1) <= block(self.q_offset)
+        return False
+
     def _block(self, p):
         """Block index of positions p (-1 in the prompt)."""
         P = self.prefix

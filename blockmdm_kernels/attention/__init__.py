@@ -41,6 +41,7 @@ UNMASKED_FIRST = True
 # runs at that speed. False keeps the Triton kernel (benchmarks compare the two).
 SDPA_DENSE = True
 _SDPA_DTYPES = (torch.float16, torch.bfloat16)
+_FULL = MaskSpec("full")
 
 
 def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
@@ -68,6 +69,8 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     if backend == "reference" or q.numel() == 0 or Tk == 0:
         return reference.block_attention(q, k, v, mask, float(scale))
+    if mask.kind != "full" and mask.sees_all(Tq, Tk):
+        mask = _FULL  # decoding with a KV cache: no tile map to build, SDPA's kernel on a GPU
     if SDPA_DENSE and backend == "triton" and q.is_cuda:
         is_causal = sdpa_is_causal(mask, q.dtype, Tq, Tk)
         if is_causal is not None:
@@ -369,7 +372,9 @@ class _EagerAttention(torch.autograd.Function):
 
 def _attention(q, k, v, *params):
     """(o, lse): the custom op while torch.compile traces (one graph node, no break), the
-    autograd function otherwise."""
+    autograd function where a gradient is wanted, the forward alone otherwise."""
     if torch.compiler.is_compiling():
         return _attention_fwd(q, k, v, *params)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _fwd(q, k, v, *params)  # inference (decoding): no graph to record
     return _EagerAttention.apply(q, k, v, *params)

@@ -544,6 +544,27 @@ def test_triton_decoding_builds_no_tile_map(make, count_tile_builds, monkeypatch
     assert count_tile_builds == []
 
 
+@pytest.mark.parametrize("make, Tq", [(masks.causal, 1),
+                                      (lambda **kw: masks.block_causal(4, 3, **kw), 3)],
+                         ids=["causal", "block_causal"])
+def test_cpu_decoding_with_a_cache_runs_as_full(make, Tq, count_tile_builds, monkeypatch):
+    # A KV-cache call whose queries see every key is full attention: the native path builds
+    # one all-full map for every call, not one per q_offset, and the values stay exact.
+    from blockmdm_kernels.attention import cpu
+
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "cpu")
+    monkeypatch.setattr(cpu, "_FULL_TILES", {})
+    k, v = (torch.randn(2, 24, 1, 16, dtype=torch.float64) for _ in range(2))
+    for stop in (15, 19, 23):  # the end of a block of 4 after a prompt of 3
+        spec = make(q_offset=stop - Tq)
+        assert spec.sees_all(Tq, stop)
+        q = torch.randn(2, Tq, 2, 16, dtype=torch.float64)
+        out = bk.block_attention(q.float(), k[:, :stop].float(), v[:, :stop].float(), spec)
+        ref = reference.block_attention(q, k[:, :stop], v[:, :stop], spec, 0.25)
+        assert_close_rel(out, ref, torch.float32)
+    assert count_tile_builds in ([], ["full"])  # [] where an earlier test built the full map
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_one_tile_map_per_step(backend, count_tile_builds, monkeypatch):
     # Forward and backward (different tile sizes on the Triton path) share one build.

@@ -161,6 +161,32 @@ def test_tile_map_matches_dense_tile_map(p):
     _assert_same_map(spec.tile_map(Tq, Tk, p["bm"], p["bn"]), want)
 
 
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tile_params)
+def test_sees_all_matches_dense(p):
+    # sees_all may say False where every pair is visible (it only knows full, causal and
+    # block_causal), never True where one is hidden; for those three it is exact.
+    rng = torch.Generator().manual_seed(p["seed"])
+    n = max(p["n"], p["prefix"])
+    Tk = 2 * n if p["kind"] == "bd3" else n
+    spec = _spec(p["kind"], p["bs"], min(p["prefix"], n), p["batch"], Tk, rng, p["padded"],
+                 p["q_offset"])
+    everything = bool(spec.dense(p["tq"], Tk).all())
+    if spec.kind in ("full", "causal", "block_causal") and spec.kv_lens is None:
+        assert spec.sees_all(p["tq"], Tk) == everything
+    else:
+        assert not spec.sees_all(p["tq"], Tk)
+
+
+def test_sees_all_decoding_shapes():
+    assert masks.causal(q_offset=9).sees_all(1, 10)
+    assert not masks.causal(q_offset=8).sees_all(1, 10)
+    # A cached block (blocks of 4 after a prompt of 5): queries 9..12 over keys 0..12.
+    assert masks.block_causal(4, 5, q_offset=9).sees_all(4, 13)
+    assert not masks.block_causal(4, 5, q_offset=8).sees_all(5, 13)  # query 8 is a block back
+    assert masks.block_causal(4, 5).sees_all(5, 5)  # the prompt alone
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mask_params, st.sampled_from([(1, 1, 2, 3), (2, 3, 2, 2), (3, 2, 4, 1), (4, 4, 3, 5)]))
 def test_tile_map_coarsened_from_a_finer_one(p, tiles):
