@@ -27,6 +27,11 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the cache stays small and old steps' specs and maps are dropped within a few steps.
 _SPEC_CACHE: OrderedDict = OrderedDict()
 _SPEC_CACHE_SIZE = 4
+# Specs without tensors (full, causal, block_causal, scatter, bd3) are small and come back: a
+# decoder's calls run through the same q_offsets for every prompt of a length (a Sudoku row
+# decoded block by block with the KV cache has 9 of them), so more of them are kept.
+_STATIC_SPEC_CACHE: OrderedDict = OrderedDict()
+_STATIC_SPEC_CACHE_SIZE = 32
 _ORDER_CACHE: OrderedDict = OrderedDict()
 _ORDER_CACHE_SIZE = 8
 # Jigsaw orders (one per masked_blocks tensor and version): a step's layers share one, and with
@@ -260,9 +265,12 @@ def _spec(kind: int, block_size: int, prefix: int, q_offset: int, seq_len: int,
     tensors = (masked_blocks, kv_lens)
     key = (kind, block_size, prefix, q_offset, seq_len, str(device)) + tuple(
         None if t is None else (id(t), t._version) for t in tensors)
-    hit = _SPEC_CACHE.get(key)
+    static = masked_blocks is None and kv_lens is None
+    cache, size = (_STATIC_SPEC_CACHE, _STATIC_SPEC_CACHE_SIZE) if static else \
+        (_SPEC_CACHE, _SPEC_CACHE_SIZE)
+    hit = cache.get(key)
     if hit is not None and all(a is b for a, b in zip(hit[1], tensors)):
-        _SPEC_CACHE.move_to_end(key)
+        cache.move_to_end(key)
         return hit[0]
     spec = MaskSpec(
         KINDS[kind], block_size, prefix,
@@ -270,7 +278,7 @@ def _spec(kind: int, block_size: int, prefix: int, q_offset: int, seq_len: int,
         kv_lens=None if kv_lens is None else kv_lens.to(device),
         q_offset=q_offset, seq_len=seq_len or None,
     )
-    _put(_SPEC_CACHE, key, (spec, tensors), _SPEC_CACHE_SIZE)
+    _put(cache, key, (spec, tensors), size)
     return spec
 
 

@@ -565,6 +565,27 @@ def test_cpu_decoding_with_a_cache_runs_as_full(make, Tq, count_tile_builds, mon
     assert count_tile_builds in ([], ["full"])  # [] where an earlier test built the full map
 
 
+def test_cpu_decoding_builds_maps_for_the_first_prompt_only(count_tile_builds, monkeypatch):
+    # Cached block decoding sends the previous block again with the new one (not every query
+    # sees every key): its specs come back for every prompt of the same length and keep their
+    # maps, so only the first prompt builds them.
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "cpu")
+    P, bs, n_blocks = 5, 4, 9
+    k, v = (torch.randn(1, P + bs * n_blocks, 1, 16) for _ in range(2))
+    for prompt in range(2):
+        for i in range(1, n_blocks):
+            lo, hi = P + (i - 1) * bs, P + (i + 1) * bs  # the previous block and this one
+            spec = masks.block_causal(bs, P, q_offset=lo)
+            q = torch.randn(1, hi - lo, 2, 16)
+            out = bk.block_attention(q, k[:, :hi], v[:, :hi], spec)
+            ref = reference.block_attention(q.double(), k[:, :hi].double(), v[:, :hi].double(),
+                                            spec, 0.25)
+            assert_close_rel(out, ref, torch.float32)
+        if prompt == 0:
+            first = len(count_tile_builds)
+    assert 0 < first == len(count_tile_builds)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_one_tile_map_per_step(backend, count_tile_builds, monkeypatch):
     # Forward and backward (different tile sizes on the Triton path) share one build.
