@@ -91,7 +91,7 @@ SETTINGS = {
     "full": dict(entry="tiny", families=FAMILIES, batches=(1, 64), reps=3, tasks={
         "pathfind": dict(train={}, n=256, n_b1=64),
         # One pass at batch 64: a sudoku call at batch 64 costs ~0.1-0.2 s on one core.
-        "sudoku": dict(train={}, n=64, n_b1=4, reps=1),
+        "sudoku": dict(train={}, n=64, n_b1=8, reps=1),
     }),
 }
 
@@ -219,20 +219,21 @@ def decode_pass(model, prompt, length, kw, batch: int, device: str):
 
 def measure_row(model, data, length, kw, batch: int, n: int, reps: int, device: str) -> dict:
     """Decodes the first ``n`` eval prompts at ``batch``, ``reps`` timed passes after a
-    one-prompt warm-up. tokens/s from the median pass; latency the median batch decode."""
+    one-prompt warm-up. latency: the median batch decode over every pass; tokens/s: a batch's
+    response tokens over it (a median over every decode: at batch 1 one per prompt, so a
+    stall of the machine during one prompt does not move the row)."""
     from blockmdm.data import call_with, task_module
 
     prompt = data.x[:n, :data.prefix].to(device)
     decode_pass(model, prompt[:1], length, kw, 1, device)
     passes = [decode_pass(model, prompt, length, kw, batch, device) for _ in range(reps)]
     tokens, calls, _ = passes[0]
-    per_pass = statistics.median(sum(p[2]) for p in passes)
     latency = statistics.median(s for p in passes for s in p[2])
     mod = task_module(data.task)
     metrics = call_with(mod.evaluate, tokens, data.references[:n], params=data.params)
     return {
         "n": n,
-        "tokens_per_s": n * length / per_pass,
+        "tokens_per_s": min(batch, n) * length / latency,
         "calls_per_sample": statistics.mean(calls),
         "tokens_per_call": length / statistics.mean(calls),
         "latency_ms": latency * 1e3,
@@ -474,8 +475,8 @@ def trained_notes(setting: str, device: str, threads: int, given=()) -> str:
         "step that unmasks nothing makes no call, so it averages more than one token per call); "
         "first_hitting: one uniformly chosen "
         "position per call. ar decodes with its KV cache, block and bd3 with the KV cache of "
-        "finished blocks. tokens_per_s: response tokens of all samples over the median time of "
-        "a pass over them; latency_ms: median time of one decode of a batch; calls_per_sample: "
+        "finished blocks. tokens_per_s: response tokens of a batch over latency_ms, the median "
+        "time of one decode of a batch (at batch 1: of one prompt); calls_per_sample: "
         "model calls a sample goes through; speed_vs_ar: tokens_per_s over ar's at the same "
         "task and batch; acc_vs_own: accuracy minus the family's own decoder at one token per "
         f"call (its first row). Rows at batch 1 decode fewer samples (n).{low}"
