@@ -193,12 +193,29 @@ def melt(benchmark: str, columns: list, rows: list, meta: dict) -> list:
     return long
 
 
+def report_meta(path: Path, meta: dict) -> dict:
+    """``meta`` with what the report ``path`` says of its own run (its ``- key: value`` header
+    lines: machine, versions, commit, date, threads): a report assembled later (--report-only)
+    keeps the commit and date its numbers were measured at."""
+    own = dict(meta)
+    if path.exists():
+        for line in path.read_text().splitlines()[1:]:
+            if line.startswith("- ") and ": " in line:
+                key, value = line[2:].split(": ", 1)
+                if key in own and key != "device":
+                    own[key] = value.strip()
+            elif line.strip():
+                break
+    return own
+
+
 def write_long_csv(out: Path, names: list, meta: dict) -> int:
-    """``results.csv`` from the CSVs ``<name>.csv`` in ``out``; returns its row count."""
+    """``results.csv`` from the CSVs ``<name>.csv`` in ``out``, each row with the machine,
+    versions, commit and date of its own report; returns the row count."""
     rows = []
     for name in names:
         columns, table = read_csv(out / f"{name}.csv")
-        rows += melt(name, columns, table, meta)
+        rows += melt(name, columns, table, report_meta(out / f"{name}.md", meta))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, LONG_COLUMNS)
         writer.writeheader()

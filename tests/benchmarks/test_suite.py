@@ -39,7 +39,8 @@ def test_report_only_rebuilds_from_the_folder(tmp_path):
     (tmp_path / "train.csv").write_text(
         "T,V,B,family,ours ms,plain ms,ours tok/s,plain tok/s,ours vs plain\n"
         "163,12,2,ar,1.0,2.0,326,163,2.0\n512,12,2,ar,2.0,5.0,512,204.8,2.5\n")
-    (tmp_path / "decode.md").write_text("# Decoding\n")
+    (tmp_path / "decode.md").write_text("# Decoding\n\n- commit: abc1234\n- date: 2026-01-02\n"
+                                        "- threads: 1\n\nrows\n- commit: not a header\n")
     (tmp_path / "decode.csv").write_text("strategy,tokens/s\nar,100\n")
     assert suite.main(["--report-only", "--device", "cpu", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
@@ -55,6 +56,11 @@ def test_report_only_rebuilds_from_the_folder(tmp_path):
     assert (first["benchmark"], first["case"], first["metric"], first["value"], first["unit"]) \
         == ("train", "T=163; V=12; B=2; family=ar", "ours ms", "1.0", "ms")
     assert {r["unit"] for r in rows} == {"ms", "tokens/s", "x"}
+    # each row keeps the commit and date of the report it came from, not the assembler's
+    decode = [r for r in rows if r["benchmark"] == "decode"]
+    assert [(r["commit"], r["date"], r["threads"]) for r in decode] == \
+        [("abc1234", "2026-01-02", "1")]
+    assert all(r["commit"] != "abc1234" for r in rows if r["benchmark"] == "train")
 
 
 def test_decode_plot_from_accuracy_columns(tmp_path):
