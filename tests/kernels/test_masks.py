@@ -133,6 +133,12 @@ tile_params = st.fixed_dictionaries({
 })
 
 
+def _tile_case(p):
+    """(generator, response length n, key length Tk) of a tile_params draw."""
+    n = max(p["n"], p["prefix"])
+    return torch.Generator().manual_seed(p["seed"]), n, 2 * n if p["kind"] == "bd3" else n
+
+
 def _assert_same_map(tm, want):
     assert (tm.block_m, tm.block_n) == (want.block_m, want.block_n)
     for name in ("state", "kv_count", "kv_index", "q_count", "q_index"):
@@ -143,9 +149,7 @@ def _assert_same_map(tm, want):
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tile_params)
 def test_tile_map_matches_dense_tile_map(p):
-    rng = torch.Generator().manual_seed(p["seed"])
-    n = max(p["n"], p["prefix"])
-    Tk = 2 * n if p["kind"] == "bd3" else n
+    rng, n, Tk = _tile_case(p)
     kw = {"q_offset": p["q_offset"]}
     if p["padded"]:
         kw["kv_lens"] = torch.randint(0, Tk + 1, (p["batch"],), generator=rng)
@@ -166,9 +170,7 @@ def test_tile_map_matches_dense_tile_map(p):
 def test_sees_all_matches_dense(p):
     # sees_all may say False where every pair is visible (it only knows full, causal and
     # block_causal), never True where one is hidden; for those three it is exact.
-    rng = torch.Generator().manual_seed(p["seed"])
-    n = max(p["n"], p["prefix"])
-    Tk = 2 * n if p["kind"] == "bd3" else n
+    rng, n, Tk = _tile_case(p)
     spec = _spec(p["kind"], p["bs"], min(p["prefix"], n), p["batch"], Tk, rng, p["padded"],
                  p["q_offset"])
     everything = bool(spec.dense(p["tq"], Tk).all())
