@@ -562,7 +562,8 @@ def test_cpu_decoding_with_a_cache_runs_as_full(make, Tq, count_tile_builds, mon
         out = bk.block_attention(q.float(), k[:, :stop].float(), v[:, :stop].float(), spec)
         ref = reference.block_attention(q, k[:, :stop], v[:, :stop], spec, 0.25)
         assert_close_rel(out, ref, torch.float32)
-    assert count_tile_builds in ([], ["full"])  # [] where an earlier test built the full map
+    if cpu.use_native(torch.float32):  # the fallback (BLOCKMDM_NO_NATIVE) plans per shape
+        assert count_tile_builds in ([], ["full"])  # []: an earlier test built the full map
 
 
 def test_cpu_decoding_builds_maps_for_the_first_prompt_only(count_tile_builds, monkeypatch):
