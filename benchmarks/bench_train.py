@@ -72,10 +72,6 @@ SHAPES = {
 }
 
 
-def _rms_norm(x, norm):
-    return F.rms_norm(x, norm.weight.shape, norm.weight.to(x.dtype), norm.eps)
-
-
 def _rope(x, cos, sin):
     """x [B, H, T, D]; cos, sin [1, 1, T, D/2]."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -123,8 +119,7 @@ def plain_hidden(model: Transformer, batch, attention: str = "sdpa"):
     attend = _attention_fn(attention, batch, T, x.device)
     h = F.embedding(x, model.tok_embeddings.weight)
     for layer in model.layers:
-        a = layer.attention_norm
-        q, k, v = F.linear(_rms_norm(h, a), layer.attention.wqkv.weight).split(
+        q, k, v = F.linear(layer.attention_norm(h), layer.attention.wqkv.weight).split(
             [H * D, Hkv * D, Hkv * D], dim=-1)
         q = _rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
         k = _rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
@@ -133,10 +128,10 @@ def plain_hidden(model: Transformer, batch, attention: str = "sdpa"):
             k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
         o = attend(q, k, v).transpose(1, 2).reshape(B, T, H * D)
         h = h + F.linear(o, layer.attention.wo.weight)
-        ff, y = layer.feed_forward, _rms_norm(h, layer.ffn_norm)
+        ff, y = layer.feed_forward, layer.ffn_norm(h)
         h = h + F.linear(F.silu(F.linear(y, ff.w1.weight)) * F.linear(y, ff.w3.weight),
                          ff.w2.weight)
-    return _rms_norm(h, model.norm)
+    return model.norm(h)  # RMSNorm: F.rms_norm
 
 
 def plain_loss(model: Transformer, batch, attention: str = "sdpa"):

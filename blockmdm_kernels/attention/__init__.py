@@ -74,8 +74,10 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     if backend == "reference" or q.numel() == 0 or Tk == 0:
         return reference.block_attention(q, k, v, mask, float(scale))
-    if mask.kind != "full" and mask.sees_all(Tq, Tk):
-        mask = _FULL  # decoding with a KV cache: no tile map to build, SDPA's kernel on a GPU
+    if mask is not _FULL and mask.sees_all(Tq, Tk):
+        # Decoding with a KV cache (and full attention at any q_offset): one spec, whose maps
+        # depend on the tile counts only, and SDPA's kernel in 16-bit on a GPU.
+        mask = _FULL
     if SDPA_DENSE and backend == "triton" and q.is_cuda:
         is_causal = sdpa_is_causal(mask, q.dtype, Tq, Tk)
         if is_causal is not None:

@@ -47,8 +47,6 @@ JIGSAW_TILE = (128, 64)
 BD3_TILE = (64, 64)
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_TILES_PER_CHUNK = 256  # partial tiles whose element masks are evaluated at once
-_FULL_TILES: dict = {}  # full attention's native tiles per (tile counts, tile sizes)
-_FULL_TILES_SIZE = 64
 
 _fwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -147,13 +145,7 @@ def _native_tiles(spec: MaskSpec, Tq: int, Tk: int):
     if spec.kind == "full" and spec.kv_lens is None:
         # Every tile full: one map per tile count, whatever the lengths (decoding calls grow
         # Tk by one token at a time and would otherwise build a map per call).
-        n_q, n_k = -(-Tq // bm_), -(-Tk // bn_)
-        key = (n_q, n_k, bm_, bn_)
-        if key not in _FULL_TILES:
-            if len(_FULL_TILES) >= _FULL_TILES_SIZE:
-                del _FULL_TILES[next(iter(_FULL_TILES))]
-            _FULL_TILES[key] = _build_native_tiles(spec, n_q * bm_, n_k * bn_, bm_, bn_)
-        return _FULL_TILES[key]
+        Tq, Tk = -(-Tq // bm_) * bm_, -(-Tk // bn_) * bn_
     return spec.derived(("native", Tq, Tk, bm_, bn_),
                         lambda: _build_native_tiles(spec, Tq, Tk, bm_, bn_))
 

@@ -550,10 +550,11 @@ def test_triton_decoding_builds_no_tile_map(make, count_tile_builds, monkeypatch
 def test_cpu_decoding_with_a_cache_runs_as_full(make, Tq, count_tile_builds, monkeypatch):
     # A KV-cache call whose queries see every key is full attention: the native path builds
     # one all-full map for every call, not one per q_offset, and the values stay exact.
+    from blockmdm_kernels import attention
     from blockmdm_kernels.attention import cpu
 
     monkeypatch.setenv("BLOCKMDM_BACKEND", "cpu")
-    monkeypatch.setattr(cpu, "_FULL_TILES", {})
+    monkeypatch.setattr(attention, "_FULL", masks.full())
     k, v = (torch.randn(2, 24, 1, 16, dtype=torch.float64) for _ in range(2))
     for stop in (15, 19, 23):  # the end of a block of 4 after a prompt of 3
         spec = make(q_offset=stop - Tq)
