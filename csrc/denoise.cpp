@@ -42,12 +42,16 @@ inline double uniform(uint64_t seed, uint64_t index) {
   return (static_cast<double>(z >> 11) + 0.5) * 0x1p-53;
 }
 
-// Max, first argmax and the runner-up (the second largest value, equal to the max on a tie).
+// Max, first argmax and the runner-up (the second largest value, equal to the max on a tie);
+// `nan` when a NaN was seen (the row then has no meaningful choice).
 struct Top {
   float m = kNegInf, m2 = kNegInf;
   int64_t arg = std::numeric_limits<int64_t>::max();
+  bool nan = false;
   void push(float v, int64_t i) {
-    if (v > m || (v == m && i < arg)) {
+    if (v != v) {
+      nan = true;
+    } else if (v > m || (v == m && i < arg)) {
       m2 = std::max(m2, m);
       m = v;
       arg = i;
@@ -67,6 +71,10 @@ void scan_max(const float* x, int64_t lo, int64_t hi, Top& top) {
   for (int64_t b = lo; b < hi; b += kBlock) {
     const int64_t e = std::min(b + kBlock, hi);
     const float bm = row_max(x, b, e);
+    if (bm != bm) {  // row_max propagates NaN
+      top.nan = true;
+      return;
+    }
     if (bm > m) {
       m = bm;
       best = b;
@@ -124,6 +132,10 @@ void scan_online(const float* x, int64_t lo, int64_t hi, bool ent, Online& o) {
   for (int64_t b = lo; b < hi; b += kBlock) {
     const int64_t e = std::min(b + kBlock, hi);
     const float bm = row_max(x, b, e);
+    if (bm != bm) {  // row_max propagates NaN
+      o.top.nan = true;
+      return;
+    }
     float& m = o.top.m;
     if (bm > m) {
       if (m != kNegInf) {
@@ -168,7 +180,7 @@ void scan_top(const float* x, int64_t lo, int64_t hi, Top& top) {
     vsec.store(s);
     vidx.store(i);
     for (int l = 0; l < kW; ++l) {
-      if (m[l] != kNegInf) top.push(m[l], static_cast<int64_t>(i[l]));
+      if (m[l] != kNegInf) top.push(m[l], static_cast<int64_t>(i[l]));  // NaN propagates to m
       top.m2 = std::max(top.m2, s[l]);
     }
   }
@@ -219,7 +231,6 @@ void token_and_confidence(const at::Tensor& logits, const std::vector<int64_t>& 
   const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   const bool sampled = p.temperature > 0;
-  const bool need_top = !sampled || p.confidence != kRandom;
   const int64_t grain = std::max<int64_t>(1, 32768 / V);
   at::parallel_for(0, static_cast<int64_t>(rows.size()), grain, [&](int64_t lo, int64_t hi) {
     std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : V);
@@ -237,10 +248,9 @@ void token_and_confidence(const at::Tensor& logits, const std::vector<int64_t>& 
         s = scan_exp(x, 0, p.mask_id, top.m, false, w) +
             scan_exp(x, p.mask_id + 1, V, top.m, false, w);
       } else if (p.confidence == kRandom) {
-        if (need_top) {
-          scan_max(x, 0, p.mask_id, top);
-          scan_max(x, p.mask_id + 1, V, top);
-        }
+        // the max also when sampling: it tells a row without a finite maximum
+        scan_max(x, 0, p.mask_id, top);
+        scan_max(x, p.mask_id + 1, V, top);
       } else {
         Online o;
         scan_online(x, 0, p.mask_id, ent, o);
@@ -249,6 +259,13 @@ void token_and_confidence(const at::Tensor& logits, const std::vector<int64_t>& 
         top = o.top;
         s = o.s;
         w = o.w;
+      }
+      if (top.nan || !std::isfinite(top.m)) {
+        // no finite maximum besides the mask token (a NaN, +inf, or -inf everywhere): NaN
+        // confidence, which the caller reports, and no commit
+        tok[flat] = p.mask_id;
+        conf[flat] = std::numeric_limits<float>::quiet_NaN();
+        continue;
       }
       int64_t t = top.arg;
       if (sampled) {
@@ -287,7 +304,7 @@ void select(const float* conf, const bool* active, int64_t B, int64_t T, const i
       order.clear();
       for (int64_t t = 0; t < T; ++t) {
         out[t] = false;
-        if (a[t]) order.push_back(t);
+        if (a[t] && c[t] == c[t]) order.push_back(t);  // NaN: a row without a choice
       }
       if (order.empty()) continue;
       if (threshold) {

@@ -12,7 +12,7 @@
 
 namespace blockmdm {
 
-// max of x[lo, hi) (-inf when empty)
+// max of x[lo, hi) (-inf when empty; NaN when the range holds one)
 inline float row_max(const float* x, int64_t lo, int64_t hi) {
   using Vec = at::vec::Vectorized<float>;
   Vec vm(-std::numeric_limits<float>::infinity());
@@ -20,7 +20,7 @@ inline float row_max(const float* x, int64_t lo, int64_t hi) {
   for (; j + Vec::size() <= hi; j += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + j));
   float m = at::vec::vec_reduce_all<float>(
       [](Vec a, Vec b) { return at::vec::maximum(a, b); }, vm);
-  for (; j < hi; ++j) m = std::max(m, x[j]);
+  for (; j < hi; ++j) m = (x[j] > m || x[j] != x[j]) ? x[j] : m;  // keeps a NaN
   return m;
 }
 

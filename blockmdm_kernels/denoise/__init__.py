@@ -46,8 +46,9 @@ def denoise_step(logits, tokens, active, *, mask_id, k=None, threshold=None, tem
     (Fast-dLLM's rule).
 
     Args:
-        logits: [B, T, V] any float dtype, V >= 2. Every active row needs a finite logit besides
-            the mask token's.
+        logits: [B, T, V] any float dtype, V >= 2. Every active row needs finite logits besides
+            the mask token's: on CPU a row whose maximum is not finite (a NaN, +inf, or -inf
+            everywhere) raises ValueError; on CUDA it is not checked (a host sync per step).
         tokens: integer [B, T], not modified
         active: bool [B, T], the positions that may be committed this step
         mask_id: int in [0, V)
@@ -75,9 +76,24 @@ def denoise_step(logits, tokens, active, *, mask_id, k=None, threshold=None, tem
     threshold = None if threshold is None else float(threshold)
     # The custom op while torch.compile traces (one graph node); its body otherwise, sparing a
     # decoder's every step the op's dispatch (more host time than the CPU kernel at batch 1).
-    step = _denoise_op if torch.compiler.is_compiling() else _denoise
-    return step(logits, tokens, active, k_rows, k_int, threshold, int(mask_id),
-                float(temperature), confidence, seed, _dispatch.backend(logits))
+    if torch.compiler.is_compiling():
+        return _denoise_op(logits, tokens, active, k_rows, k_int, threshold, int(mask_id),
+                           float(temperature), confidence, seed, _dispatch.backend(logits))
+    backend = _dispatch.backend(logits)
+    out = _denoise(logits, tokens, active, k_rows, k_int, threshold, int(mask_id),
+                   float(temperature), confidence, seed, backend)
+    if backend == "cpu":
+        _check_choice(out[2])
+    return out
+
+
+def _check_choice(conf: torch.Tensor) -> None:
+    """The CPU path marks an active row without a finite maximum with NaN confidence."""
+    if bool(conf.isnan().any()):
+        b, t = conf.isnan().nonzero()[0].tolist()
+        raise ValueError(
+            f"logits[{b}, {t}] has no finite maximum over the tokens other than mask_id (a NaN, "
+            "+inf, or -inf everywhere): every active position needs finite logits")
 
 
 def _denoise(

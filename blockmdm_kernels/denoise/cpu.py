@@ -38,6 +38,7 @@ def token_and_confidence(logits, active, *, mask_id, temperature, confidence, se
     tok = torch.zeros(B * T, dtype=torch.int64)
     conf = torch.full((B * T,), float("-inf"), dtype=torch.float32)
     rows = active.reshape(-1).nonzero().squeeze(1)  # [N]
+    no_choice = rows[:0]
     if rows.numel() > 0:
         x = logits.reshape(B * T, V).index_select(0, rows).float()  # [N, V], a fresh copy
         x[:, mask_id] = float("-inf")
@@ -49,10 +50,14 @@ def token_and_confidence(logits, active, *, mask_id, temperature, confidence, se
         tok[rows] = row_tok
         if confidence != "random":
             conf[rows] = _confidence(x, m, row_tok, confidence, temperature > 0)
+        no_choice = rows[~torch.isfinite(m)]  # a NaN, +inf, or -inf everywhere
     tok, conf = tok.view(B, T), conf.view(B, T)
     if confidence == "random":
         conf = torch.where(active, reference.random_confidence(seed, B, T, logits.device),
                            float("-inf"))
+    # as the native kernel: a row without a finite maximum gets NaN confidence (the caller
+    # reports it)
+    conf.view(-1)[no_choice] = float("nan")
     return tok, conf
 
 

@@ -428,3 +428,31 @@ def test_denoise_step_cpu_native_is_used(monkeypatch):
     logits, tokens, active, mask_id = problem(2, 5, 99)
     bk.denoise_step(logits, tokens, active, mask_id=mask_id, k=1)
     assert calls
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu_torch"])
+@pytest.mark.parametrize("V", [7, 123, 3001])
+@pytest.mark.parametrize("bad", ["nan_first", "nan_last", "posinf", "neginf"])
+def test_denoise_step_cpu_row_without_choice(backend, V, bad, monkeypatch):
+    # A NaN anywhere (the vector part, the scalar tail, a later 1024-block), +inf, or -inf on
+    # every token but the mask: a clear error naming the position, never a token out of range.
+    logits, tokens, active, mask_id = problem(2, 4, V, mask_id=V // 2, frac=1.1)
+    row = logits[1, 2]
+    if bad == "nan_first":
+        row[0] = float("nan")
+    elif bad == "nan_last":
+        row[-1] = float("nan")
+    elif bad == "posinf":
+        row[V // 3] = float("inf")
+    else:
+        row.fill_(float("-inf"))
+        row[mask_id] = 5.0  # the mask token's logit does not count
+    for temperature in (0.0, 1.0):
+        for confidence in CONFIDENCES:
+            kw = dict(mask_id=mask_id, k=2, temperature=temperature, confidence=confidence)
+            with pytest.raises(ValueError, match=r"logits\[1, 2\] has no finite maximum"):
+                step(backend, monkeypatch, logits, tokens, active, generator=gen(), **kw)
+    # the same row inactive is never read
+    active[1, 2] = False
+    out = step(backend, monkeypatch, logits, tokens, active, mask_id=mask_id, k=2)
+    assert ((out[0] >= 0) & (out[0] < V)).all() and not out[1][1, 2]
