@@ -42,8 +42,11 @@ def _run_train(args) -> int:
 
     base = {}
     if args.config:
-        with open(args.config) as f:
-            base = json.load(f)
+        try:
+            with open(args.config) as f:
+                base = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--config {args.config}: {err}") from None
         if not isinstance(base, dict):
             raise ValueError(f"--config {args.config} must hold a JSON object of TrainConfig "
                              "fields")

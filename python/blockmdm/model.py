@@ -284,7 +284,11 @@ class Transformer(nn.Module):
         else:
             if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"tokens must be int64 [B, t], got {x.dtype} {tuple(x.shape)}")
-            h = self.tok_embeddings(x)
+            try:  # bounds checked by the lookup (a device assert on CUDA), as for positions
+                h = self.tok_embeddings(x)
+            except IndexError:
+                raise ValueError(f"tokens must be in [0, vocab_size={self.config.vocab_size}), "
+                                 f"got [{int(x.min())}, {int(x.max())}]") from None
         B, t = x.shape[:2]
         if cache is not None:
             if cache.batch_size != B:

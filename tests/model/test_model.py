@@ -137,3 +137,12 @@ def test_positions_beyond_max_len_are_rejected():
     tokens = torch.randint(0, V, (2, 4))
     with pytest.raises(ValueError, match="positions must be < max_len=16"):
         model(tokens, positions=torch.tensor([0, 1, 2, 16]))
+
+
+@pytest.mark.parametrize("bad", [-1, V])
+def test_tokens_outside_the_vocabulary_are_rejected(bad):
+    model = _model()
+    tokens = torch.randint(0, V, (2, 4))
+    tokens[1, 2] = bad
+    with pytest.raises(ValueError, match=rf"tokens must be in \[0, vocab_size={V}\)"):
+        model(tokens)

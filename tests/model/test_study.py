@@ -303,6 +303,11 @@ def test_train_config_file_with_flag_overrides(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--config", str(bad)])
     assert "unknown TrainConfig fields ['stepz']" in capsys.readouterr().err
+    bad.write_text("{not json")
+    for path in (bad, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit):
+            main(["train", "--config", str(path)])
+        assert f"error: --config {path}: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset", sorted(STUDY_PRESETS))
