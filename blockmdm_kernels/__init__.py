@@ -6,12 +6,14 @@
     o = bk.block_attention(q, k, v, masks.block_causal(16, prefix=82))
     loss = bk.linear_masked_cross_entropy(hidden, weight, targets, weights)
     tokens, committed, conf = bk.denoise_step(logits, tokens, active, mask_id=m, k=2)
+    h = bk.rms_norm(x, weight, eps)
 """
 
 from blockmdm_kernels import _native, masks
 from blockmdm_kernels.attention import block_attention
 from blockmdm_kernels.cross_entropy import linear_masked_cross_entropy, masked_cross_entropy
 from blockmdm_kernels.denoise import denoise_step
+from blockmdm_kernels.rms_norm import rms_norm
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ __all__ = [
     "linear_masked_cross_entropy",
     "masked_cross_entropy",
     "denoise_step",
+    "rms_norm",
     "native_available",
     "__version__",
 ]

@@ -38,6 +38,11 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 // path when torch exports no sgemm). Returns whether the BLAS sgemm exists.
 bool attention_use_blas(bool use);
 
+// norm.cpp
+// RMSNorm forward over the last dimension: x [..., D] (fp32 / fp16 / bf16), weight [D] of x's
+// dtype; y = (x * rsqrt(mean(x^2) + eps)) (fp32, rounded to x's dtype) * weight.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
 // denoise.cpp
 // The whole denoising step of blockmdm_kernels.denoise_step on CPU tensors: logits [B, T, V]
 // float32/bfloat16/float16, tokens integer [B, T], active bool [B, T], k_rows int64 [B] or k, or

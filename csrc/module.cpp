@@ -21,6 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "k"_a, "threshold"_a, "mask_id"_a, "temperature"_a, "confidence"_a, "seed"_a,
         py::call_guard<py::gil_scoped_release>());
 
+  // rms_norm
+  m.def("rms_norm", &blockmdm::rms_norm, "x"_a, "weight"_a, "eps"_a);
+
   // cross_entropy
   m.def("cross_entropy_rows", &blockmdm::cross_entropy_rows, "logits"_a, "rows"_a, "targets"_a,
         "coef"_a, "focal_gamma"_a, "z_loss"_a, py::call_guard<py::gil_scoped_release>());

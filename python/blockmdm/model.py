@@ -130,9 +130,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # One fused op (statistics in fp32 for 16-bit inputs): fewer kernels per call than the
-        # written-out form, which a small model's decoding step is bound by.
-        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
+        # F.rms_norm when training; the native kernel for a CPU decoding step, whose few rows
+        # make torch's composite cost more than the matrix products
+        return bk.rms_norm(x, self.weight.to(x.dtype), self.eps)
 
 
 def _rope_tables(head_dim: int, max_len: int, base: float):
