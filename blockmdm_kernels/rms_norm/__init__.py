@@ -45,11 +45,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Optional[float] = None)
     elif (not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0
           or eps == float("inf")):
         raise ValueError(f"eps must be a finite float >= 0 or None, got {eps!r}")
-    if (x.is_cuda or not _native.available() or x.dtype not in _NATIVE_DTYPES
+    if (x.is_cuda or x.dtype not in _NATIVE_DTYPES or not _native.available()
             or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.rms_norm(x, weight.shape, weight, float(eps))
-    return _native.ops().rms_norm(x, weight, float(eps))
+    # an extension built before this op has no rms_norm: torch's then
+    op = getattr(_native.ops(), "rms_norm", None)
+    if op is None:
+        return F.rms_norm(x, weight.shape, weight, float(eps))
+    return op(x, weight, float(eps))
 
 
 def _desc(x) -> str:

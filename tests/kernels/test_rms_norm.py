@@ -99,3 +99,12 @@ def test_rms_norm_torch_compile():
 def test_rms_norm_bad_input(args, err, match):
     with pytest.raises(err, match=match):
         bk.rms_norm(*args)
+
+
+def test_rms_norm_extension_without_the_op(monkeypatch):
+    # an extension built from older sources: torch's forward, not an AttributeError
+    monkeypatch.setattr(_native, "available", lambda: True)
+    monkeypatch.setattr(_native, "ops", lambda: object())
+    x, w = case((2, 5, 16), torch.float32)
+    with torch.no_grad():
+        assert torch.equal(bk.rms_norm(x, w, 1e-5), F.rms_norm(x, (16,), w, 1e-5))
