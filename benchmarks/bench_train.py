@@ -72,6 +72,11 @@ SHAPES = {
 }
 
 
+def _rms_norm(x, norm):
+    # torch's own RMSNorm: the model's module takes blockmdm's native kernel without autograd
+    return F.rms_norm(x, norm.weight.shape, norm.weight.to(x.dtype), norm.eps)
+
+
 def _rope(x, cos, sin):
     """x [B, H, T, D]; cos, sin [1, 1, T, D/2]."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -119,7 +124,7 @@ def plain_hidden(model: Transformer, batch, attention: str = "sdpa"):
     attend = _attention_fn(attention, batch, T, x.device)
     h = F.embedding(x, model.tok_embeddings.weight)
     for layer in model.layers:
-        q, k, v = F.linear(layer.attention_norm(h), layer.attention.wqkv.weight).split(
+        q, k, v = F.linear(_rms_norm(h, layer.attention_norm), layer.attention.wqkv.weight).split(
             [H * D, Hkv * D, Hkv * D], dim=-1)
         q = _rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
         k = _rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
@@ -128,10 +133,10 @@ def plain_hidden(model: Transformer, batch, attention: str = "sdpa"):
             k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
         o = attend(q, k, v).transpose(1, 2).reshape(B, T, H * D)
         h = h + F.linear(o, layer.attention.wo.weight)
-        ff, y = layer.feed_forward, layer.ffn_norm(h)
+        ff, y = layer.feed_forward, _rms_norm(h, layer.ffn_norm)
         h = h + F.linear(F.silu(F.linear(y, ff.w1.weight)) * F.linear(y, ff.w3.weight),
                          ff.w2.weight)
-    return model.norm(h)  # RMSNorm: F.rms_norm
+    return _rms_norm(h, model.norm)
 
 
 def plain_loss(model: Transformer, batch, attention: str = "sdpa"):

@@ -76,13 +76,12 @@ def denoise_step(logits, tokens, active, *, mask_id, k=None, threshold=None, tem
     threshold = None if threshold is None else float(threshold)
     # The custom op while torch.compile traces (one graph node); its body otherwise, sparing a
     # decoder's every step the op's dispatch (more host time than the CPU kernel at batch 1).
-    if torch.compiler.is_compiling():
-        return _denoise_op(logits, tokens, active, k_rows, k_int, threshold, int(mask_id),
-                           float(temperature), confidence, seed, _dispatch.backend(logits))
+    compiling = torch.compiler.is_compiling()
     backend = _dispatch.backend(logits)
-    out = _denoise(logits, tokens, active, k_rows, k_int, threshold, int(mask_id),
-                   float(temperature), confidence, seed, backend)
-    if backend == "cpu":
+    out = (_denoise_op if compiling else _denoise)(
+        logits, tokens, active, k_rows, k_int, threshold, int(mask_id), float(temperature),
+        confidence, seed, backend)
+    if backend == "cpu" and not compiling:
         _check_choice(out[2])
     return out
 

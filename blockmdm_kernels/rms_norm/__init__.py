@@ -8,6 +8,7 @@ a few rows per call costs more than the model's matrix products. The native kern
 is one implementation per case).
 """
 
+import math
 import numbers
 from typing import Optional
 
@@ -35,15 +36,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Optional[float] = None)
         [..., D], x's dtype. Differentiable (through ``F.rms_norm`` when a gradient is recorded).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise TypeError(f"x must be a floating-point tensor [..., D], got {_desc(x)}")
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point tensor [..., D], got {got}")
     if (not isinstance(weight, torch.Tensor) or weight.shape != x.shape[-1:]
             or weight.dtype != x.dtype or weight.device != x.device):
+        got = (f"{weight.dtype} {tuple(weight.shape)} on {weight.device}"
+               if isinstance(weight, torch.Tensor) else type(weight).__name__)
         raise ValueError(f"weight must be a [{x.shape[-1]}] tensor of x's dtype and device "
-                         f"({x.dtype}, {x.device}), got {_desc(weight)}")
+                         f"({x.dtype}, {x.device}), got {got}")
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    elif (not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0
-          or eps == float("inf")):
+    elif not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not 0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite float >= 0 or None, got {eps!r}")
     if (x.is_cuda or x.dtype not in _NATIVE_DTYPES or not _native.available()
             or torch.compiler.is_compiling()
@@ -55,8 +58,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Optional[float] = None)
         return F.rms_norm(x, weight.shape, weight, float(eps))
     return op(x, weight, float(eps))
 
-
-def _desc(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"tensor(dtype={x.dtype}, shape={tuple(x.shape)}, device={x.device})"
-    return repr(x)
