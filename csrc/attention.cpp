@@ -322,33 +322,49 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
   }
   const auto order = heaviest_first(cost);
 
+  // Adjacent query tiles of a key tile are multiplied as one run of up to R rows: fewer, wider
+  // gemm calls, as the forward's runs of key tiles.
+  const int64_t R = std::max<int64_t>(1, kRunScores / (BM * BN)) * BM;
+
   run_items(order, workers, [&](int64_t w, int64_t item) {
     thread_local std::vector<float> scratch;
+    thread_local std::vector<const float*> masks;
     const int64_t b = item / (nK * Hkv), n = (item / Hkv) % nK, hk = item % Hkv;
     const int64_t bm = Bm == 1 ? 0 : b;
     const int64_t c0 = n * BN, c = std::min(BN, Tk - c0);
-    scratch.resize(2 * BM * BN + 2 * BN * D);
-    float* p = scratch.data();    // [BM, BN] probabilities
-    float* ds = p + BM * BN;      // [BM, BN] dP, then dS
-    float* dk_acc = ds + BM * BN; // [BN, D]
+    scratch.resize(2 * R * BN + 2 * BN * D);
+    masks.resize(R / BM);
+    float* p = scratch.data();    // [R, BN] probabilities
+    float* ds = p + R * BN;       // [R, BN] dP, then dS
+    float* dk_acc = ds + R * BN;  // [BN, D]
     float* dv_acc = dk_acc + BN * D;
     std::fill(dk_acc, dk_acc + 2 * BN * D, 0.f);
     const float* kt = kp + b * kB + c0 * kT + hk * kH;
     const float* vt = vp + b * vB + c0 * vT + hk * vH;
     float* dq_w = dqb + w * B * Tq * H * D;
+    const int32_t* tiles = idx + (bm * nK + n) * nQ;
     const int64_t nq = cnt[bm * nK + n];
-    for (int64_t t = 0; t < nq; ++t) {
-      const int64_t m = idx[(bm * nK + n) * nQ + t];
-      const int64_t r0 = m * BM, rm = std::min(BM, Tq - r0);
-      const int32_t pm = tmi[(bm * nQ + m) * nK + n];
-      const float* mask = pm >= 0 ? tms + pm * BM * BN : nullptr;
+    for (int64_t t = 0; t < nq;) {
+      // The run: query tiles m0 .. m0 + len - 1, listed one after another.
+      const int64_t m0 = tiles[t];
+      int64_t len = 1;
+      while (t + len < nq && tiles[t + len] == m0 + len && (len + 1) * BM <= R) ++len;
+      bool any_mask = false;
+      for (int64_t j = 0; j < len; ++j) {
+        const int32_t pm = tmi[(bm * nQ + m0 + j) * nK + n];
+        masks[j] = pm >= 0 ? tms + pm * BM * BN : nullptr;
+        any_mask |= pm >= 0;
+      }
+      t += len;
+      const int64_t r0 = m0 * BM, rm = std::min(len * BM, Tq - r0);
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
         const float* qt = qp + b * qB + r0 * qT + h * qH;
         const float* dot = dop + b * dB + r0 * dT + h * dH;
         gemm(true, false, c, rm, D, scale, kt, kT, qt, qT, 0.f, p, BN);  // scale Q K^T
         for (int64_t i = 0; i < rm; ++i) {
           float* pi = p + i * BN;
-          if (mask) add_mask(pi, mask + i * BN, c);  // hidden scores -> -inf -> p = 0
+          const float* mask = any_mask ? masks[i / BM] : nullptr;
+          if (mask) add_mask(pi, mask + (i % BM) * BN, c);  // hidden scores -> -inf -> p = 0
           exp_sub(pi, c, lp[(b * H + h) * Tq + r0 + i]);  // +inf lse (blind row) gives 0
         }
         gemm(false, true, D, c, rm, 1.f, dot, dT, p, BN, 1.f, dv_acc, D);  // dV += P^T dO

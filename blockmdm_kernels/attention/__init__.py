@@ -183,7 +183,7 @@ def _one_native_tile(backend: str, dtype: torch.dtype, Tq: int, Tk: int) -> bool
     """Whether the native CPU kernels cover the whole score matrix with one tile, where no
     order of the positions lets them skip anything (the study's short sequences)."""
     return (backend == "cpu" and cpu.use_native(dtype)
-            and Tq <= cpu.NATIVE_Q_TILE and Tk <= cpu.NATIVE_K_TILE)
+            and Tq <= cpu.WIDE_TILE and Tk <= cpu.WIDE_TILE)
 
 
 def _offset_major(mask: MaskSpec, Tq: int, Tk: int, device, backend: str = None, dtype=None):

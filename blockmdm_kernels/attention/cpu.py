@@ -14,7 +14,7 @@ every recomputed probability of it is 0 and so are its dQ and its share of dK/dV
 
 fp32 / fp16 / bf16 inputs take the native flash kernels of ``blockmdm_kernels._C`` when the
 extension is built (``BLOCKMDM_NO_NATIVE`` set to anything but 0, read per call, forces the torch
-path above). They walk the tile map of ``native_tile_sizes(spec)`` tiles themselves;
+path above). They walk the tile map of ``native_tile_sizes(spec, Tq, Tk)`` tiles themselves;
 each partial tile gets an additive fp32 element mask (0 visible, -inf hidden) evaluated from
 the spec's predicate here, once per spec and shape (cached with the spec's tile maps), so full
 tiles are never masked and no dense Tq x Tk mask is built.
@@ -33,18 +33,20 @@ Q_TILE = 64
 K_TILE = 64
 BLOCK_ROWS = 256  # query rows per plan block, a multiple of Q_TILE
 
-NATIVE_Q_TILE = 256  # larger tiles: fewer, more efficient gemm calls (measured at 2 cores)
-NATIVE_K_TILE = 256
-# Jigsaw hides whole key blocks per batch row: narrower tiles keep a masked block an EMPTY tile
-# instead of a PARTIAL one that needs an element mask, which made jigsaw(64) at T=2048 about 2x
-# faster and its per-step mask cost (a fresh masked_blocks every step) negligible (measured).
-JIGSAW_TILE = (128, 64)
-# bd3's x_t rows see their own x_t block and x_0's blocks before theirs: at 64 x 64 tiles a
-# block size that is a multiple of 64 leaves no partial tile, where 256 x 256 tiles compute ~40%
-# more scores (at bd3(64), T = 2 x 1024). The forward multiplies a run of adjacent tiles in one
-# gemm, so the narrow tiles cost no extra calls: bd3(64) forward and forward + backward both got
-# faster against SDPA with the dense mask (benchmarks/compare_attention_native.py, 2 threads).
-BD3_TILE = (64, 64)
+# Native tiles of a mask that hides pairs: 64 x 64. Smaller tiles skip more hidden pairs, and
+# the forward's runs of adjacent key tiles and the backward's runs of adjacent query tiles keep
+# the gemm calls wide. Against 256 x 256 tiles (2 cores, fp32, forward + backward; 2026-11-28):
+# at T = 512 with blocks of 16 (256 x 256 tiles compute 75% of the pairs where block_causal
+# shows 52%) block_causal, causal, scatter and jigsaw took 1.2x-1.3x less time, bd3 (T = 2 x
+# 256) 1.5x; at T = 2048 from even (head dim 32, blocks of 16) to 1.05x more time (head dim 64,
+# blocks of 64, where 256 x 256 tiles waste little); jigsaw at T = 2048 1.2x less.
+NATIVE_Q_TILE = 64
+NATIVE_K_TILE = 64
+# Full attention has nothing to skip: 256 x 256 tiles make fewer, wider gemm calls (64 x 64
+# took 1.1x-1.15x the time at T = 2048). So does a scatter mask within one such tile: its
+# hidden pairs are spread over every tile (64 x 64 took 1.2x the time at T = 163, the study's
+# Sudoku); past one tile the attention layer reorders it to skip whole tiles.
+WIDE_TILE = 256
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_TILES_PER_CHUNK = 256  # partial tiles whose element masks are evaluated at once
 
@@ -141,7 +143,7 @@ def _native_tiles(spec: MaskSpec, Tq: int, Tk: int):
     """(tile map, tile_mask_index int32 [Bm, nQ, nK], tile_masks float32 [P, BM, BN]) for the
     native kernels: each partial tile's additive element mask (0 visible, -inf hidden), -1 in
     the index for the other tiles."""
-    bm_, bn_ = native_tile_sizes(spec)
+    bm_, bn_ = native_tile_sizes(spec, Tq, Tk)
     if spec.kind == "full" and spec.kv_lens is None:
         # Every tile full: one map per tile count, whatever the lengths (decoding calls grow
         # Tk by one token at a time and would otherwise build a map per call).
@@ -150,12 +152,11 @@ def _native_tiles(spec: MaskSpec, Tq: int, Tk: int):
                         lambda: _build_native_tiles(spec, Tq, Tk, bm_, bn_))
 
 
-def native_tile_sizes(spec: MaskSpec):
-    """(query tile, key tile) of the native kernels for this mask."""
-    if spec.kind == "jigsaw":
-        return min(NATIVE_Q_TILE, JIGSAW_TILE[0]), min(NATIVE_K_TILE, JIGSAW_TILE[1])
-    if spec.kind == "bd3":
-        return min(NATIVE_Q_TILE, BD3_TILE[0]), min(NATIVE_K_TILE, BD3_TILE[1])
+def native_tile_sizes(spec: MaskSpec, Tq: int, Tk: int):
+    """(query tile, key tile) of the native kernels for this mask and shape."""
+    if (spec.kind == "full" and spec.kv_lens is None) or (
+            spec.kind == "scatter" and Tq <= WIDE_TILE and Tk <= WIDE_TILE):
+        return WIDE_TILE, WIDE_TILE
     return NATIVE_Q_TILE, NATIVE_K_TILE
 
 
@@ -193,7 +194,7 @@ def forward(q, k, v, spec: MaskSpec, scale: float):
         o = torch.empty(q.shape, dtype=q.dtype)
         lse = torch.empty(B, H, Tq, dtype=torch.float32)
         _native.ops().attention_fwd(q, k, v, tm.kv_count, tm.kv_index, index, tile_masks,
-                                    *native_tile_sizes(spec), scale, o, lse)
+                                    tm.block_m, tm.block_n, scale, o, lse)
         return o, lse
     B, Tq, H, D = q.shape
     Tk, G = k.shape[1], H // k.shape[2]
@@ -242,7 +243,7 @@ def backward(do, q, k, v, o, lse, spec: MaskSpec, scale: float):
         tm, index, tile_masks = _native_tiles(spec, q.shape[1], k.shape[1])
         dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
         _native.ops().attention_bwd(do, q, k, v, o, lse.contiguous(), tm.q_count, tm.q_index,
-                                    index, tile_masks, *native_tile_sizes(spec), scale, dq,
+                                    index, tile_masks, tm.block_m, tm.block_n, scale, dq,
                                     dk, dv)
         return dq, dk, dv
     B, Tq, H, D = q.shape

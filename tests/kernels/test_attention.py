@@ -341,15 +341,14 @@ def test_scatter_reorders_only_where_the_native_tiles_can_skip(monkeypatch):
     from blockmdm_kernels import _native
     from blockmdm_kernels.attention import _one_native_tile, cpu
 
-    # One native tile covers a sequence of up to NATIVE_*_TILE positions: nothing to skip.
+    # One wide native tile covers a sequence of up to WIDE_TILE positions: nothing to skip.
     assert _one_native_tile("cpu", torch.float32, 163, 163) == _native.available()
     assert not _one_native_tile("cpu", torch.float32, 300, 300)
     assert not _one_native_tile("triton", torch.float32, 163, 163)
     # Either way (reordered past one tile, in position order within one) forward and backward
     # match float64.
-    for T, q_tile in ((300, cpu.NATIVE_Q_TILE), (300, 512)):
-        monkeypatch.setattr(cpu, "NATIVE_Q_TILE", q_tile)
-        monkeypatch.setattr(cpu, "NATIVE_K_TILE", q_tile)
+    for T, wide in ((300, cpu.WIDE_TILE), (300, 512)):
+        monkeypatch.setattr(cpu, "WIDE_TILE", wide)
         torch.manual_seed(0)
         spec = masks.scatter(7, prefix=13)  # 13 + 41 blocks of 7 = 300
         q, k, v = (torch.randn(1, T, 2, 16, requires_grad=True) for _ in range(3))
@@ -699,3 +698,4 @@ def test_triton_kv_lens_no_host_sync_cuda(monkeypatch):
             bk.block_attention(q, k, v, spec).sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode(0)
+

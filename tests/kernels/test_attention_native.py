@@ -124,25 +124,41 @@ def test_block_attention_native_fp32(case, tiles, native, monkeypatch):
     if tiles == "small":  # many tiles, ragged last ones, on small shapes
         monkeypatch.setattr(cpu, "NATIVE_Q_TILE", 16)
         monkeypatch.setattr(cpu, "NATIVE_K_TILE", 8)
+        monkeypatch.setattr(cpu, "WIDE_TILE", 16)
     elif tiles == "odd":  # tiles that match no block size and differ from each other
         monkeypatch.setattr(cpu, "NATIVE_Q_TILE", 24)
         monkeypatch.setattr(cpu, "NATIVE_K_TILE", 40)
+        monkeypatch.setattr(cpu, "WIDE_TILE", 24)
     spy = _spy(monkeypatch)
     _check_against_reference(case, torch.float32, monkeypatch)
     assert spy.calls == ["attention_fwd", "attention_bwd"]
 
 
+@pytest.mark.parametrize("tiles", [(256, 8), (8, 256)], ids=["key_runs", "query_runs"])
 @pytest.mark.parametrize("make", [lambda: masks.bd3(16, prefix=5), lambda: masks.causal(),
                                   lambda: masks.jigsaw(8, _mb(1, 75), prefix=4)],
                          ids=["bd3", "causal", "jigsaw"])
-def test_block_attention_native_long_runs(make, native, monkeypatch):
-    # 256-row tiles of 8 keys: the forward's runs of adjacent tiles stop at 256 keys, so a row
-    # of 600 keys takes several runs, full and partial tiles mixed.
-    monkeypatch.setattr(cpu, "NATIVE_Q_TILE", 256)
-    monkeypatch.setattr(cpu, "NATIVE_K_TILE", 8)
-    monkeypatch.setattr(cpu, "JIGSAW_TILE", (256, 8))
-    monkeypatch.setattr(cpu, "BD3_TILE", (256, 8))
+def test_block_attention_native_long_runs(make, tiles, native, monkeypatch):
+    # 256-row tiles of 8 keys: the forward's runs of adjacent key tiles stop at 256 keys, so a
+    # row of 600 keys takes several runs, full and partial tiles mixed. 8-row tiles of 256 keys:
+    # the backward's runs of adjacent query tiles stop at 256 rows, likewise.
+    monkeypatch.setattr(cpu, "NATIVE_Q_TILE", tiles[0])
+    monkeypatch.setattr(cpu, "NATIVE_K_TILE", tiles[1])
     _check_against_reference(("runs", make, 1, 600, 604, 2, 1, 16), torch.float32, monkeypatch)
+
+
+def test_native_tile_sizes():
+    # Masks that hide pairs take the narrow tiles; full attention, which has nothing to skip,
+    # and scatter within one wide tile (nothing to skip in any order) take the wide ones.
+    narrow, wide = (cpu.NATIVE_Q_TILE, cpu.NATIVE_K_TILE), (cpu.WIDE_TILE, cpu.WIDE_TILE)
+    assert cpu.native_tile_sizes(masks.full(), 512, 512) == wide
+    assert cpu.native_tile_sizes(masks.full(q_offset=7), 1, 3000) == wide
+    assert cpu.native_tile_sizes(masks.full(kv_lens=torch.tensor([5, 9])), 12, 12) == narrow
+    assert cpu.native_tile_sizes(masks.scatter(9, prefix=82), 163, 163) == wide
+    assert cpu.native_tile_sizes(masks.scatter(16), 512, 512) == narrow
+    for spec in (masks.causal(), masks.block_causal(16), masks.bd3(16),
+                 masks.jigsaw(16, _mb(2, 10))):
+        assert cpu.native_tile_sizes(spec, 163, 163) == narrow
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -195,7 +211,7 @@ def test_native_kernels_write_every_output(native):
     q = torch.randn(B, T, H, D)
     k, v = torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
     tm, index, tile_masks = cpu._native_tiles(spec, T, T)
-    bm, bn = cpu.native_tile_sizes(spec)
+    bm, bn = cpu.native_tile_sizes(spec, T, T)
     o, lse = torch.full_like(q, float("nan")), torch.full((B, H, T), float("nan"))
     native.attention_fwd(q, k, v, tm.kv_count, tm.kv_index, index, tile_masks, bm, bn, 0.25, o,
                          lse)
