@@ -137,6 +137,14 @@ class MaskSpec:
                     f"kv_lens has batch {kl.shape[0]} but masked_blocks has batch "
                     f"{self.masked_blocks.shape[0]}"
                 )
+        for name in ("masked_blocks", "kv_lens"):
+            t = getattr(self, name)
+            if t is not None and t.is_inference():
+                # An inference tensor keeps no version counter, so the caches below could not
+                # see an in-place edit of it: the spec keeps its own copy, made outside
+                # inference mode (a normal tensor), of the values it was built with.
+                with torch.inference_mode(False):
+                    object.__setattr__(self, name, t.clone())
         object.__setattr__(self, "_tile_cache", {})
         object.__setattr__(self, "_derived_cache", {})
         object.__setattr__(self, "_tile_versions", None)

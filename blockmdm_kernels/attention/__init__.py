@@ -265,6 +265,16 @@ def _spec(kind: int, block_size: int, prefix: int, q_offset: int, seq_len: int,
     another tensor while its entry exists.
     """
     tensors = (masked_blocks, kv_lens)
+
+    def build():
+        return MaskSpec(
+            KINDS[kind], block_size, prefix,
+            masked_blocks=None if masked_blocks is None else masked_blocks.to(device),
+            kv_lens=None if kv_lens is None else kv_lens.to(device),
+            q_offset=q_offset, seq_len=seq_len or None,
+        )
+    if any(t is not None and t.is_inference() for t in tensors):
+        return build()  # no version counter to key on (the spec copies such tensors)
     key = (kind, block_size, prefix, q_offset, seq_len, str(device)) + tuple(
         None if t is None else (id(t), t._version) for t in tensors)
     static = masked_blocks is None and kv_lens is None
@@ -274,12 +284,7 @@ def _spec(kind: int, block_size: int, prefix: int, q_offset: int, seq_len: int,
     if hit is not None and all(a is b for a, b in zip(hit[1], tensors)):
         cache.move_to_end(key)
         return hit[0]
-    spec = MaskSpec(
-        KINDS[kind], block_size, prefix,
-        masked_blocks=None if masked_blocks is None else masked_blocks.to(device),
-        kv_lens=None if kv_lens is None else kv_lens.to(device),
-        q_offset=q_offset, seq_len=seq_len or None,
-    )
+    spec = build()
     _put(cache, key, (spec, tensors), size)
     return spec
 

@@ -699,3 +699,21 @@ def test_triton_kv_lens_no_host_sync_cuda(monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
+
+def test_block_attention_mask_tensors_made_in_inference_mode():
+    # Inference tensors keep no version counter: a spec copies them (for its caches), so a
+    # mask made and used inside torch.inference_mode gives what the same mask gives outside.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 2, 16) for _ in range(3))
+    mb = torch.tensor([[1, 0, 1, 0, 1], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    kl = torch.tensor([33, 17])
+    refs = [bk.block_attention(q, k, v, spec) for spec in
+            (masks.jigsaw(8, mb), masks.block_causal(8, kv_lens=kl))]
+    with torch.inference_mode():
+        mb_i, kl_i = mb.clone(), kl.clone()
+        specs = (masks.jigsaw(8, mb_i), masks.block_causal(8, kv_lens=kl_i))
+        outs = [bk.block_attention(q, k, v, spec) for spec in specs]
+        mb_i.fill_(False)  # an in-place edit after the spec was built does not reach it
+        assert torch.equal(specs[0].masked_blocks, mb)
+    for out, ref in zip(outs, refs):
+        assert torch.equal(out, ref)

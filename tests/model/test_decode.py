@@ -397,3 +397,17 @@ def test_decode_cached_equals_uncached_on_the_model_layer(strategy):
     ref = decode(model, prompt, 14, use_cache=False, generator=torch.Generator().manual_seed(3),
                  **kw)
     assert torch.equal(out.tokens, ref.tokens) and out.forward_tokens < ref.forward_tokens
+
+
+@pytest.mark.parametrize("strategy", ["jigsaw", "confidence", "ar"])
+def test_decode_under_inference_mode(strategy):
+    # Decoding builds its masks (jigsaw's masked blocks among them) from tensors made inside
+    # torch.inference_mode, which keep no version counter for the mask caches to key on.
+    model = TinyAttention()
+    prompt = torch.randint(0, 12, (2, 3))
+    kw = dict(strategy=strategy, block_size=4, generator=torch.Generator().manual_seed(6))
+    ref = decode(model, prompt, 10, **kw)
+    kw["generator"] = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        out = decode(model, prompt, 10, **kw)
+    assert torch.equal(out.tokens, ref.tokens)
