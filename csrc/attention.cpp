@@ -115,6 +115,26 @@ int64_t run_width(int64_t rows, int64_t cols, int64_t n_tiles) {
   return std::min(tiles, std::max<int64_t>(n_tiles, 1)) * cols;
 }
 
+// The run of tiles starting at list[t] (count entries): the most consecutive tile indices, at
+// most max_len, each with its partial-tile element mask (nullptr for a full tile) in masks, whose
+// mask index mask_index(j) gives for the run's j-th tile (-1: full). Returns the run's length;
+// any_mask says whether one of its tiles has a mask.
+template <typename F>
+int64_t next_run(const int32_t* list, int64_t t, int64_t count, int64_t max_len,
+                 const F& mask_index, const float* tile_masks, int64_t tile_elems,
+                 std::vector<const float*>& masks, bool& any_mask) {
+  const int64_t first = list[t];
+  int64_t len = 1;
+  while (t + len < count && list[t + len] == first + len && len < max_len) ++len;
+  any_mask = false;
+  for (int64_t j = 0; j < len; ++j) {
+    const int32_t pm = mask_index(j);
+    masks[j] = pm >= 0 ? tile_masks + pm * tile_elems : nullptr;
+    any_mask |= pm >= 0;
+  }
+  return len;
+}
+
 // Item indices 0..n-1 sorted by descending cost (stable).
 std::vector<int64_t> heaviest_first(const std::vector<int64_t>& cost) {
   std::vector<int64_t> order(cost.size());
@@ -227,16 +247,12 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
     const int32_t* tile_mask = tmi + (bm * nQ + m) * nK;
     const int64_t nk = cnt[bm * nQ + m];
     for (int64_t t = 0; t < nk;) {
-      // The run: tiles n0 .. n0 + len - 1, listed one after another.
+      // The run: key tiles n0 .. n0 + len - 1, listed one after another.
       const int64_t n0 = tiles[t];
-      int64_t len = 1;
-      while (t + len < nk && tiles[t + len] == n0 + len && (len + 1) * BN <= W) ++len;
-      bool any_mask = false;
-      for (int64_t j = 0; j < len; ++j) {
-        const int32_t pm = tile_mask[n0 + j];
-        masks[j] = pm >= 0 ? tms + pm * BM * BN : nullptr;
-        any_mask |= pm >= 0;
-      }
+      bool any_mask;
+      const int64_t len = next_run(
+          tiles, t, nk, W / BN, [&](int64_t j) { return tile_mask[n0 + j]; }, tms, BM * BN, masks,
+          any_mask);
       t += len;
       const int64_t c0 = n0 * BN, c = std::min(len * BN, Tk - c0);
       const float* kt = kp + b * kB + c0 * kT + (h / G) * kH;
@@ -347,14 +363,10 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
     for (int64_t t = 0; t < nq;) {
       // The run: query tiles m0 .. m0 + len - 1, listed one after another.
       const int64_t m0 = tiles[t];
-      int64_t len = 1;
-      while (t + len < nq && tiles[t + len] == m0 + len && (len + 1) * BM <= R) ++len;
-      bool any_mask = false;
-      for (int64_t j = 0; j < len; ++j) {
-        const int32_t pm = tmi[(bm * nQ + m0 + j) * nK + n];
-        masks[j] = pm >= 0 ? tms + pm * BM * BN : nullptr;
-        any_mask |= pm >= 0;
-      }
+      bool any_mask;
+      const int64_t len = next_run(
+          tiles, t, nq, R / BM, [&](int64_t j) { return tmi[(bm * nQ + m0 + j) * nK + n]; }, tms,
+          BM * BN, masks, any_mask);
       t += len;
       const int64_t r0 = m0 * BM, rm = std::min(len * BM, Tq - r0);
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
