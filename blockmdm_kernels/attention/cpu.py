@@ -35,17 +35,17 @@ BLOCK_ROWS = 256  # query rows per plan block, a multiple of Q_TILE
 
 # Native tiles of a mask that hides pairs: 64 x 64. Smaller tiles skip more hidden pairs, and
 # the forward's runs of adjacent key tiles and the backward's runs of adjacent query tiles keep
-# the gemm calls wide. Against 256 x 256 tiles (2 cores, fp32, forward + backward; 2026-11-28):
-# at T = 512 with blocks of 16 (256 x 256 tiles compute 75% of the pairs where block_causal
-# shows 52%) block_causal, causal, scatter and jigsaw took 1.2x-1.3x less time, bd3 (T = 2 x
-# 256) 1.5x; at T = 2048 from even (head dim 32, blocks of 16) to 1.05x more time (head dim 64,
-# blocks of 64, where 256 x 256 tiles waste little); jigsaw at T = 2048 1.2x less.
+# the gemm calls wide. At the training benchmark's T = 512 with blocks of 16, 256 x 256 tiles
+# computed 75% of the pairs where block_causal shows 52%; the change from 256 x 256 took
+# bench_train.py's block row from 1.12x to 1.20x plain PyTorch (same session, 2 cores), and
+# compare_attention_native.py --shape sudoku's forward + backward from 0.95x to 1.14x-1.17x
+# (block_causal) and 1.08x to 1.42x-1.48x (causal) SDPA's dense mask (README, Kernels).
 NATIVE_Q_TILE = 64
 NATIVE_K_TILE = 64
-# Full attention has nothing to skip: 256 x 256 tiles make fewer, wider gemm calls (64 x 64
-# took 1.1x-1.15x the time at T = 2048). So does a scatter mask within one such tile: its
-# hidden pairs are spread over every tile (64 x 64 took 1.2x the time at T = 163, the study's
-# Sudoku); past one tile the attention layer reorders it to skip whole tiles.
+# Full attention has nothing to skip, so 256 x 256 tiles (fewer, wider gemm calls) were faster
+# for it; so were they for a scatter mask within one such tile, whose hidden pairs are spread
+# over every tile (the study's Sudoku, T = 163). Past one tile the attention layer reorders
+# scatter so that whole tiles can be skipped.
 WIDE_TILE = 256
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_TILES_PER_CHUNK = 256  # partial tiles whose element masks are evaluated at once
