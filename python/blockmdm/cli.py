@@ -91,7 +91,7 @@ def _run_decode(args) -> int:
     result = decode_run(args.run, strategy=args.strategy, steps=args.steps,
                         tokens_per_step=args.tokens_per_step, threshold=args.threshold,
                         input_path=args.input, limit=args.limit, batch_size=args.batch_size,
-                        device=args.device)
+                        device=args.device, prefix_cache=args.prefix_cache)
     for line in result.lines:
         print(line)
     # The summary goes to stderr so that stdout holds only the completed lines.
@@ -113,6 +113,8 @@ def _add_decode_parser(sub) -> None:
     group.add_argument("--steps", type=int, help="total denoising steps")
     group.add_argument("--tokens-per-step", type=int, help="positions committed per step")
     p.add_argument("--threshold", type=float, help="confidence threshold (--strategy threshold)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="Fast-dLLM's approximate prefix cache (mdm: full attention)")
     p.add_argument("--input", help="task lines with the answer blank or missing, one per row "
                    "(default: the run's eval set); rows with an answer are scored")
     p.add_argument("--limit", type=int, help="decode the first N prompts")

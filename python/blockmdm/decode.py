@@ -75,8 +75,17 @@ block (the first call also the prompt), and once after a block finishes it sends
 ``[finished block | next block]`` so the finished block's K/V are computed from its final tokens.
 In exact arithmetic the tokens equal those of ``use_cache=False`` (which sends the whole sequence
 every call); in low precision the different shapes may round differently. Other masks let
-every position see changing tokens, so the cache does not apply there and the whole sequence is
-sent.
+every position see changing tokens, so the exact cache does not apply there and the whole
+sequence is sent.
+
+Prefix cache (``prefix_cache=True``; Fast-dLLM's approximate cache for full attention): with
+``attention="full"`` and a strategy that decodes the blocks in order, the first call of each
+block sends the whole sequence and keeps every position's K/V; the block's later calls send the
+block and everything after it, and attend to the prompt and the finished blocks through the kept
+K/V. Those were computed when the block started, while the block and the later positions held
+the tokens of that moment, so the logits are approximate (the calls stay as many; the positions
+sent fall from ``P + length`` to what is left of the response). A decode whose blocks each take
+one call sends exactly what the uncached one sends.
 """
 
 from __future__ import annotations
@@ -135,7 +144,8 @@ def decode(model, prompt: torch.Tensor, length: int, *, strategy: str, steps: in
            block_size: int | None = None, mask_id: int | None = None,
            attention: str | None = None, temperature: float | None = None,
            threshold: float = 0.9, confidence: str | None = None, use_cache: bool = True,
-           generator: torch.Generator | None = None) -> DecodeResult:
+           prefix_cache: bool = False, generator: torch.Generator | None = None
+           ) -> DecodeResult:
     """Decode ``length`` tokens after ``prompt`` (strategies in the module docstring).
 
     Args:
@@ -156,6 +166,9 @@ def decode(model, prompt: torch.Tensor, length: int, *, strategy: str, steps: in
             ``first_hitting``, ``prob`` otherwise.
         use_cache: use a KV cache where it is exact (module docstring); the model must then have
             ``new_cache``.
+        prefix_cache: Fast-dLLM's approximate prefix cache (module docstring), for
+            ``attention="full"`` with ``confidence``, ``threshold``, ``ddpm`` or
+            ``first_hitting``; needs ``use_cache`` and ``new_cache``.
         generator: torch.Generator for every random draw (same state, same result).
     Returns:
         :class:`DecodeResult`.
@@ -207,15 +220,24 @@ def decode(model, prompt: torch.Tensor, length: int, *, strategy: str, steps: in
     if strategy == "threshold" and (not isinstance(threshold, (int, float))
                                     or not math.isfinite(threshold)):
         raise ValueError(f"threshold must be a finite float, got {threshold!r}")
-    cached = bool(use_cache) and (strategy == "ar" or (attention == "block_causal"
-                                                       and strategy in _IN_ORDER))
+    if not isinstance(prefix_cache, bool):
+        raise TypeError(f"prefix_cache must be a bool, got {prefix_cache!r}")
+    if prefix_cache:
+        if attention != "full" or strategy not in _IN_ORDER:
+            raise ValueError(f"prefix_cache applies to the strategies {_IN_ORDER} with "
+                             f"attention='full', got strategy {strategy!r} with attention "
+                             f"{attention!r}")
+        if not use_cache:
+            raise ValueError("prefix_cache=True needs use_cache=True")
+    cached = bool(use_cache) and (strategy == "ar" or prefix_cache or (
+        attention == "block_causal" and strategy in _IN_ORDER))
     if cached and not callable(getattr(model, "new_cache", None)):
         raise ValueError("use_cache=True needs model.new_cache(batch_size, max_len) for "
                          f"strategy {strategy!r} with attention {attention!r}; pass "
                          "use_cache=False")
 
     run = _Run(model, prompt, length, block_size, mask_id, attention, cached, temperature,
-               confidence, generator)
+               confidence, generator, prefix_cache)
     with torch.no_grad():
         if strategy == "ar":
             run.ar()
@@ -283,7 +305,7 @@ class _Run:
     """The state of one decode: tokens, cache, counters, and the strategy loops."""
 
     def __init__(self, model, prompt, length, block_size, mask_id, attention, cached,
-                 temperature, confidence, generator):
+                 temperature, confidence, generator, prefix_cache=False):
         B, P = prompt.shape
         self.model, self.P, self.L, self.bs = model, P, length, block_size
         self.mask_id, self.attention = mask_id, attention
@@ -293,6 +315,8 @@ class _Run:
         self.x = torch.cat([prompt, prompt.new_full((B, length), mask_id)], 1)
         self.cache = model.new_cache(B, P + length) if cached else None
         self.fresh = 0  # positions < fresh have final K/V in the cache
+        # Prefix cache: the block whose first call refreshed every position's K/V.
+        self.prefix_cache, self.refreshed = prefix_cache, None
         self.nfe = self.steps = self.forward_tokens = 0
         self.committed = torch.zeros(B, dtype=torch.int64, device=dev)
         self.commit_step = torch.full((B, length), -1, dtype=torch.int64, device=dev)
@@ -324,7 +348,13 @@ class _Run:
 
     def forward(self, block: int | None = None):
         """One model call; returns (logits [B, t, V], start). With the cache, ``block`` is the
-        block being decoded and the call sends [first not-final position .. end of block]."""
+        block being decoded and the call sends [first not-final position .. end of block]; with
+        the prefix cache, the whole sequence in the block's first call and [block start .. end]
+        in its later ones."""
+        if self.prefix_cache:
+            start = 0 if self.refreshed != block else self.block_range(block)[0]
+            self.refreshed = block
+            return self._call(self.x[:, start:], masks.full(q_offset=start), start), start
         if self.cache is not None:
             start, hi = self.fresh, self.block_range(block)[1]
             spec = masks.block_causal(self.bs, self.P, q_offset=start)

@@ -82,7 +82,8 @@ class DecodeRunResult:
 
 
 def decoder_kwargs(cfg, length: int, *, strategy: str | None = None, steps: int | None = None,
-                   tokens_per_step: int | None = None, threshold: float | None = None) -> dict:
+                   tokens_per_step: int | None = None, threshold: float | None = None,
+                   prefix_cache: bool = False) -> dict:
     """Keyword arguments of :func:`blockmdm.decode.decode` for a run's model.
 
     Args:
@@ -96,6 +97,8 @@ def decoder_kwargs(cfg, length: int, *, strategy: str | None = None, steps: int 
             ``m`` blocks each; jigsaw at ``k = 1``: its default, one position per call).
             Excludes ``steps``.
         threshold: the confidence threshold of the ``threshold`` strategy.
+        prefix_cache: Fast-dLLM's approximate prefix cache (:func:`blockmdm.decode.decode`),
+            for the families decoded under full attention (mdm).
     """
     family = get_family(cfg.family)
     kw = family.decoder(cfg.block_size)
@@ -144,6 +147,14 @@ def decoder_kwargs(cfg, length: int, *, strategy: str | None = None, steps: int 
         if strategy not in _STEPPED:
             raise ValueError(f"steps is used by the strategies {_STEPPED}, not by {strategy!r}")
         kw["steps"] = steps
+    if prefix_cache:
+        if family.attention != "full":
+            raise ValueError(f"prefix_cache is for the families decoded under full attention "
+                             f"(mdm); {cfg.family!r} was trained with {family.attention!r} "
+                             "attention" + (", whose decoding caches finished blocks exactly"
+                                            if family.attention in ("block_causal", "bd3")
+                                            else ""))
+        kw["prefix_cache"] = True
     return kw
 
 
@@ -266,7 +277,7 @@ def decode_prompts(model, prompt: torch.Tensor, length: int, kw: dict, *, mask_i
 def decode_run(run_dir: str, *, strategy: str | None = None, steps: int | None = None,
                tokens_per_step: int | None = None, threshold: float | None = None,
                input_path: str | None = None, limit: int | None = None, batch_size: int = 64,
-               device: str | None = None) -> DecodeRunResult:
+               device: str | None = None, prefix_cache: bool = False) -> DecodeRunResult:
     """Decodes the prompts of ``input_path`` (or the run's eval set) with a trained run.
 
     Args: as ``blockmdm decode`` (see :func:`decoder_kwargs` for the decoder ones); ``limit``:
@@ -287,7 +298,8 @@ def decode_run(run_dir: str, *, strategy: str | None = None, steps: int | None =
     shape = (call_with(mod.prompt_len, params=params), call_with(mod.seq_len, params=params))
     length = shape[1] - shape[0]
     kw = decoder_kwargs(cfg, length, strategy=strategy, steps=steps,
-                        tokens_per_step=tokens_per_step, threshold=threshold)
+                        tokens_per_step=tokens_per_step, threshold=threshold,
+                        prefix_cache=prefix_cache)
     if input_path is not None:
         rows = read_prompts(input_path)[:limit]
         texts, refs = parse_prompts(rows, cfg.task, cfg.task_params, shape, input_path)

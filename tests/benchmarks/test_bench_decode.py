@@ -86,3 +86,25 @@ def test_headline_keeps_to_the_accuracy_tolerance():
     assert "mdm `confidence k=2`" in line and "1.50x" in line
     rows[2]["accuracy"] = 0.5
     assert "no parallel strategy" in bd.headline(rows[:3], 1)[0]
+
+
+def test_headline_reference_is_the_best_one_token_decoder_at_the_largest_batch():
+    rows = [_row("ar", "ar", 0.1, 100, 1), _row("ar", "ar", 0.1, 1000, 1, batch=64),
+            # bd3's own decoder (first_hitting) is weaker than its confidence k=1.
+            _row("bd3", "first_hitting", 0.25, 90, 1),
+            _row("bd3", "first_hitting", 0.25, 900, 1, batch=64),
+            _row("bd3", "confidence k=1", 0.35, 90, 1),
+            _row("bd3", "confidence k=1", 0.375, 900, 1, batch=64),
+            _row("bd3", "confidence k=4", 0.36, 250, 3),      # few samples at batch 1
+            _row("bd3", "confidence k=4", 0.32, 2000, 3, batch=64),
+            _row("bd3", "threshold 0.7", 0.35, 170, 2),
+            _row("bd3", "threshold 0.7", 0.37, 1100, 1.2, batch=64)]
+    (line,) = bd.headline(rows, 1)
+    # k=4 is 5.5 points below confidence k=1 on the batch-64 samples, though within 2 points
+    # of first_hitting and of its own batch-1 rows: threshold 0.7 is the headline.
+    assert "bd3 `threshold 0.7`" in line and "0.370" in line
+    assert "reference bd3 `confidence k=1` at 0.375" in line
+    (line,) = bd.headline(rows, 64)
+    assert "bd3 `threshold 0.7`" in line
+    rows[-1]["accuracy"] = 0.3
+    assert "no parallel strategy" in bd.headline(rows, 1)[0]

@@ -140,6 +140,20 @@ def test_decode_hf_model_cache_equals_no_cache(strategy):
     assert out[True].forward_tokens < out[False].forward_tokens
 
 
+def test_decode_hf_model_prefix_cache():
+    model = _model().eval()
+    prompt = torch.randint(0, MASK, (2, 6))
+    kw = dict(strategy="confidence", block_size=4, attention="full", mask_id=MASK)
+    # One call per block: each is a whole-sequence call, as without the cache.
+    out = decode(model, prompt, 10, steps=3, prefix_cache=True, **kw)
+    ref = decode(model, prompt, 10, steps=3, use_cache=False, **kw)
+    assert torch.equal(out.tokens, ref.tokens)
+    out = decode(model, prompt, 10, prefix_cache=True, **kw)
+    ref = decode(model, prompt, 10, use_cache=False, **kw)
+    assert out.nfe == ref.nfe and out.forward_tokens < ref.forward_tokens == ref.nfe * 16
+    assert not bool((out.tokens == MASK).any())
+
+
 def test_decode_reads_mask_token_id_and_logits_output():
     model = _model(mask_token_id=MASK).eval()
     prompt = torch.randint(0, MASK, (1, 6))

@@ -208,6 +208,51 @@ def test_decode_block_causal_cache_sends_only_the_current_block(strategy):
     assert out.forward_tokens < ref.forward_tokens == ref.nfe * 13
 
 
+@pytest.mark.parametrize("strategy", ["confidence", "threshold", "ddpm", "first_hitting"])
+def test_decode_prefix_cache_refreshes_each_block_then_sends_the_rest(strategy):
+    # The oracle checks that every cached position before a call's start was computed from its
+    # final token: the prompt and the finished blocks, refreshed by each block's first call.
+    kw = dict(block_size=4, attention="full", temperature=0.0)
+    model, prompt, answer = make_oracle(kind="full")
+    out = decode(model, prompt, 10, strategy=strategy, prefix_cache=True,
+                 generator=torch.Generator().manual_seed(2), **kw)
+    calls = model.calls
+    model.calls = []
+    ref = decode(model, prompt, 10, strategy=strategy, use_cache=False,
+                 generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(out.tokens, answer) and torch.equal(ref.tokens, answer)
+    assert torch.equal(out.commit_step, ref.commit_step) and out.nfe == ref.nfe
+    # Blocks in order, each opened by one whole-sequence call, then [block start, end).
+    blocks = []
+    for call in calls:
+        if call == (0, 13):
+            blocks.append([])
+        else:
+            blocks[-1].append(call)
+    assert len(blocks) == 3 and calls[0] == (0, 13)
+    for lo, later in zip((3, 7, 11), blocks):
+        assert set(later) <= {(lo, 13 - lo)}
+    assert ref.forward_tokens == ref.nfe * 13
+    assert out.forward_tokens < ref.forward_tokens or out.nfe == 3  # one call per block
+
+
+def test_decode_prefix_cache_on_real_attention():
+    model = TinyAttention()
+    prompt = torch.randint(0, 12, (2, 5))
+    kw = dict(strategy="confidence", block_size=3, attention="full")
+    # One call per block: every call is a block's first, the whole sequence, as uncached.
+    out = decode(model, prompt, 11, steps=4, prefix_cache=True, **kw)
+    ref = decode(model, prompt, 11, steps=4, use_cache=False, **kw)
+    assert torch.equal(out.tokens, ref.tokens) and out.forward_tokens == ref.forward_tokens
+    # More calls per block: the later ones send the block and what follows it.
+    model.specs = []
+    out = decode(model, prompt, 11, prefix_cache=True, **kw)
+    assert [s.q_offset for s in model.specs] == [0, 5, 5] + [0, 8, 8] + [0, 11, 11] + [0, 14]
+    ref = decode(model, prompt, 11, use_cache=False, **kw)
+    assert out.nfe == ref.nfe == 11 and out.forward_tokens < ref.forward_tokens
+    assert not (out.tokens == 12).any() and torch.equal(out.tokens[:, :5], prompt)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_decode_never_emits_mask_id(strategy):
     kind = {"ar": "causal", "first_hitting": "block_causal", "jigsaw": "jigsaw",
@@ -333,6 +378,12 @@ def _plain(tokens, *, mask=None, cache=None, start=0):
     (lambda m, p: decode(m, torch.full_like(p, MASK), 4, strategy="confidence"),
      "must not contain mask_id"),
     (lambda m, p: decode(m, p + V, 4, strategy="confidence"), "prompt tokens"),
+    (lambda m, p: decode(m, p, 4, strategy="confidence", attention="block_causal",
+                         prefix_cache=True), "prefix_cache applies to"),
+    (lambda m, p: decode(m, p, 4, strategy="jigsaw", prefix_cache=True),
+     "prefix_cache applies to"),
+    (lambda m, p: decode(m, p, 4, strategy="confidence", prefix_cache=True, use_cache=False),
+     "needs use_cache=True"),
 ])
 def test_decode_bad_input(call, match):
     model, prompt, _ = make_oracle()
@@ -348,6 +399,10 @@ def test_decode_bad_model():
         decode(_plain, prompt, 4, strategy="first_hitting", mask_id=MASK)
     with pytest.raises(TypeError, match="prompt"):
         decode(_plain, [[1, 2]], 4, strategy="confidence", mask_id=MASK)
+    with pytest.raises(TypeError, match="prefix_cache must be a bool"):
+        decode(_plain, prompt, 4, strategy="confidence", mask_id=MASK, prefix_cache=1)
+    with pytest.raises(ValueError, match="new_cache"):
+        decode(_plain, prompt, 4, strategy="confidence", mask_id=MASK, prefix_cache=True)
     out = decode(_plain, prompt, 4, strategy="first_hitting", mask_id=MASK, use_cache=False)
     assert out.nfe == 4 and not (out.tokens == MASK).any()
 
@@ -411,3 +466,20 @@ def test_decode_under_inference_mode(strategy):
     with torch.inference_mode():
         out = decode(model, prompt, 10, **kw)
     assert torch.equal(out.tokens, ref.tokens)
+
+
+def test_decode_prefix_cache_on_the_model_layer():
+    from blockmdm.model import ModelConfig, Transformer
+
+    config = ModelConfig.from_preset("tiny", vocab_size=V, mask_id=MASK, max_len=24)
+    model = Transformer(config).double().eval()
+    torch.nn.init.normal_(model.head.weight, std=1.0)
+    prompt = torch.randint(0, MASK, (2, 5))
+    kw = dict(strategy="confidence", attention="full", block_size=4)
+    out = decode(model, prompt, 14, steps=4, prefix_cache=True, **kw)
+    ref = decode(model, prompt, 14, steps=4, use_cache=False, **kw)
+    assert torch.equal(out.tokens, ref.tokens)
+    out = decode(model, prompt, 14, prefix_cache=True, **kw)
+    ref = decode(model, prompt, 14, use_cache=False, **kw)
+    assert out.nfe == ref.nfe and out.forward_tokens < ref.forward_tokens
+    assert not (out.tokens == MASK).any()

@@ -112,6 +112,11 @@ def test_sudoku_puzzles(runs, tmp_path, capsys):
     assert set(summary["metrics"]) == {"cell_accuracy", "puzzle_accuracy"}
     # mdm decodes one cell per call by default (the run's decode_steps_per_block = 1: 1 block)
     assert summary["calls_per_sample"] == 1
+    # Fast-dLLM's prefix cache: as many calls, the first one of the (single) block whole.
+    lines, cached = _decode(["--run", runs["sudoku"], "--input", str(path), "--prefix-cache",
+                             "--tokens-per-step", "27"], capsys)
+    assert cached["prefix_cache"] is True and cached["calls_per_sample"] == 3
+    assert [line[:82] for line in lines] == [r[:82] for r in ref]
 
 
 def test_decoder_kwargs_match_evaluation():
@@ -142,6 +147,8 @@ def test_decoder_kwargs_match_evaluation():
     (["--run", "{block}", "--batch-size", "0"], ("batch_size must be",)),
     (["--run", "{block}", "--input", "/nonexistent/prompts.txt"], ("cannot read --input",)),
     (["--run", "{linreg}"], ("token tasks", "blockmdm eval")),
+    (["--run", "{block}", "--prefix-cache"], ("prefix_cache is for the families decoded under "
+                                              "full attention", "caches finished blocks")),
 ])
 def test_bad_arguments(runs, argv, expect, capsys):
     argv = [a.format(**runs) for a in argv]
