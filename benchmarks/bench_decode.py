@@ -80,20 +80,23 @@ _STEPPED = ("confidence", "ddpm", "jigsaw", "scatter")
 PREFIX_CACHED = {"mdm": ("confidence", "threshold")}
 
 # Per setting: the study preset whose entries give the models, the batches, timed passes over
-# the samples at the large batch (reps), tokens per call (ks) and thresholds compared; per task:
+# the samples at the large batch (reps), interleaved timing rounds at batch 1 (rounds), tokens
+# per call (ks) and thresholds compared; per task:
 # training overrides of the entry ("steps" etc.), samples decoded at the large batch (n) and at
 # batch 1 (n_b1), and the families (default: the setting's).
 SETTINGS = {
-    "smoke": dict(entry="micro", families=FAMILIES, batches=(1, 4), reps=1, ks=(1, 2),
+    "smoke": dict(entry="micro", families=FAMILIES, batches=(1, 4), reps=1, rounds=2, ks=(1, 2),
                   thresholds=(0.9,), tasks={
         "pathfind": dict(train={}, n=8, n_b1=2),
         "sudoku": dict(train={}, n=2, n_b1=1, families=("ar", "mdm")),
     }),
-    "quick": dict(entry="tiny", families=FAMILIES, batches=(1, 64), reps=2, tasks={
+    "quick": dict(entry="tiny", families=FAMILIES, batches=(1, 64), reps=2, rounds=2,
+                  tasks={
         "pathfind": dict(train=dict(steps=200, warmup=20), n=128, n_b1=16),
         "sudoku": dict(train=dict(steps=20, warmup=2), n=8, n_b1=2, families=("ar", "mdm")),
     }),
-    "full": dict(entry="small", families=FAMILIES, batches=(1, 64), reps=3, tasks={
+    "full": dict(entry="small", families=FAMILIES, batches=(1, 64), reps=3, rounds=3,
+                 tasks={
         "pathfind": dict(train={}, n=256, n_b1=64),
         # One pass at batch 64: a sudoku call at batch 64 costs ~0.1-0.2 s on one core.
         "sudoku": dict(train={}, n=64, n_b1=16, reps=1),
@@ -225,30 +228,37 @@ def decode_pass(model, prompt, length, kw, batch: int, device: str):
     return torch.cat(tokens), calls, seconds
 
 
-def measure_row(model, data, length, kw, batch: int, n: int, reps: int, device: str) -> dict:
+def measure_row(model, data, length, kw, batch: int, n: int, reps: int, device: str) -> tuple:
     """Decodes the first ``n`` eval prompts at ``batch``, ``reps`` timed passes after a
-    one-prompt warm-up. latency: the median batch decode over every pass; tokens/s: a batch's
-    response tokens over it (a median over every decode: at batch 1 one per prompt, so a
-    stall of the machine during one prompt does not move the row)."""
+    one-prompt warm-up: (the row's figures, seconds of every batch decode). Timing figures come
+    from :func:`timing` over those seconds (and any a later round adds)."""
     from blockmdm.data import call_with, task_module
 
     prompt = data.x[:n, :data.prefix].to(device)
     decode_pass(model, prompt[:1], length, kw, 1, device)
     passes = [decode_pass(model, prompt, length, kw, batch, device) for _ in range(reps)]
     tokens, calls, _ = passes[0]
-    latency = statistics.median(s for p in passes for s in p[2])
     mod = task_module(data.task)
     metrics = call_with(mod.evaluate, tokens, data.references[:n], params=data.params)
-    return {
+    row = {
         "n": n,
-        "tokens_per_s": min(batch, n) * length / latency,
+        "tokens_per_s": None,  # filled in by timing()
         "calls_per_sample": statistics.mean(calls),
         "tokens_per_call": length / statistics.mean(calls),
-        "latency_ms": latency * 1e3,
+        "latency_ms": None,
         "accuracy": metrics[METRIC[data.task]],
         "metric": METRIC[data.task],
         "puzzle_accuracy": metrics.get("puzzle_accuracy", ""),
     }
+    return row, [s for p in passes for s in p[2]]
+
+
+def timing(seconds: list, batch: int, n: int, length: int) -> dict:
+    """latency: the median batch decode; tokens/s: a batch's response tokens over it (a median
+    over every decode: at batch 1 one per prompt, so a stall of the machine during one prompt
+    does not move the row)."""
+    latency = statistics.median(seconds)
+    return {"tokens_per_s": min(batch, n) * length / latency, "latency_ms": latency * 1e3}
 
 
 @dataclasses.dataclass
@@ -270,13 +280,18 @@ def eval_set(cfg, n: int) -> EvalSet:
 
 
 def measure_trained(setting: str, folders: dict, device: str, report: Report) -> list:
-    """Every row of the trained-model table, added to ``report`` as measured."""
+    """Every row of the trained-model table, added to ``report`` task by task.
+
+    Each row is decoded once for its accuracy and calls. Batch-1 rows are then timed again in
+    ``rounds - 1`` more rounds, every row of the task once per round, so that a drift of the
+    machine's speed (here up to 1.5x within minutes) falls on every row alike instead of on
+    whichever rows it happened to meet."""
     from blockmdm.evaluate import load_run
 
     spec = SETTINGS[setting]
     rows = []
     for task, tspec in spec["tasks"].items():
-        ar_tps = {}
+        measured = []  # (row, seconds, model, data, length, kw)
         for family in tspec.get("families", spec["families"]):
             cfg, model = load_run(str(folders[task, family]))
             cfg = cfg.resolved()
@@ -285,23 +300,32 @@ def measure_trained(setting: str, folders: dict, device: str, report: Report) ->
                 model = model.to(torch.bfloat16)
             data = eval_set(cfg, tspec["n"])
             length = data.x.shape[1] - data.prefix
-            own = {}
             for name, kw in variants(family, cfg, length, spec.get("ks", KS),
                                      spec.get("thresholds", THRESHOLDS)):
                 for batch in spec["batches"]:
                     n = tspec["n_b1"] if batch == 1 else tspec["n"]
                     reps = 1 if batch == 1 else tspec.get("reps", spec["reps"])
-                    m = measure_row(model, data, length, kw, batch, n, reps, device)
-                    if family == "ar":
-                        ar_tps[batch] = m["tokens_per_s"]
-                    own.setdefault(batch, m["accuracy"])
+                    m, seconds = measure_row(model, data, length, kw, batch, n, reps, device)
                     row = {"task": task, "family": family, "strategy": name, "batch": batch,
-                           **m,
-                           "speed_vs_ar": m["tokens_per_s"] / ar_tps[batch]
-                           if batch in ar_tps else "",
-                           "acc_vs_own": m["accuracy"] - own[batch]}
-                    report.add(row)
-                    rows.append(row)
+                           **m}
+                    measured.append((row, seconds, model, data, length, kw))
+        for _ in range(spec.get("rounds", 1) - 1):
+            for row, seconds, model, data, length, kw in measured:
+                if row["batch"] == 1:
+                    prompt = data.x[:row["n"], :data.prefix].to(device)
+                    seconds += decode_pass(model, prompt, length, kw, 1, device)[2]
+        ar_tps, own = {}, {}
+        for row, seconds, _, _, length, _ in measured:
+            row.update(timing(seconds, row["batch"], row["n"], length))
+            if row["family"] == "ar":
+                ar_tps[row["batch"]] = row["tokens_per_s"]
+        for row, *_ in measured:
+            batch = row["batch"]
+            own.setdefault((row["family"], batch), row["accuracy"])
+            row["speed_vs_ar"] = row["tokens_per_s"] / ar_tps[batch] if batch in ar_tps else ""
+            row["acc_vs_own"] = row["accuracy"] - own[row["family"], batch]
+            report.add(row)
+            rows.append(row)
     return rows
 
 
@@ -513,7 +537,9 @@ def trained_notes(setting: str, device: str, threads: int, given=()) -> str:
         "time of one decode of a batch (at batch 1: of one prompt); calls_per_sample: "
         "model calls a sample goes through; speed_vs_ar: tokens_per_s over ar's at the same "
         "task and batch; acc_vs_own: accuracy minus the family's own decoder at one token per "
-        f"call (its first row). Rows at batch 1 decode fewer samples (n).{low}"
+        f"call (its first row). Rows at batch 1 decode fewer samples (n), timed in "
+        f"{spec.get('rounds', 1)} rounds that each decode them with every row of the task in "
+        f"turn (tokens/s from the median decode over all rounds).{low}"
         + (f" Runs taken from --runs (their own settings): {', '.join(map(str, given))}."
            if given else "")
     )

@@ -108,3 +108,26 @@ def test_headline_reference_is_the_best_one_token_decoder_at_the_largest_batch()
     assert "bd3 `threshold 0.7`" in line
     rows[-1]["accuracy"] = 0.3
     assert "no parallel strategy" in bd.headline(rows, 1)[0]
+
+
+def test_batch1_rows_are_timed_again_in_interleaved_rounds(cache_env, monkeypatch):
+    calls, decode_pass = [], bd.decode_pass
+
+    def recording(model, prompt, length, kw, batch, device):
+        out = decode_pass(model, prompt, length, kw, batch, device)
+        calls.append((prompt.shape[0], batch, len(out[2])))
+        return out
+
+    monkeypatch.setattr(bd, "decode_pass", recording)
+    monkeypatch.setitem(bd.SETTINGS["smoke"], "tasks",
+                        {"pathfind": dict(train={}, n=8, n_b1=2, families=("ar", "mdm"))})
+    out = cache_env / "out"
+    bd.main(["--smoke", "--device", "cpu", "--jobs", "1", "--only", "trained",
+             "--out", str(out), "--cache", str(cache_env / "runs")])
+    with open(out / "decode.csv") as f:
+        rows = list(csv.DictReader(f))
+    b1 = [r for r in rows if r["batch"] == "1"]
+    # After every row's first measurement, one more round over the batch-1 rows, in order.
+    assert calls[-len(b1):] == [(2, 1, 2)] * len(b1)
+    assert sum(c == (2, 1, 2) for c in calls) == 2 * len(b1)
+    assert "timed in 2 rounds" in (out / "decode.md").read_text()
