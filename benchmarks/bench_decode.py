@@ -549,7 +549,7 @@ def main(argv=None):
     parser = arg_parser(__doc__)
     parser.add_argument("--runs", default=None,
                         help="folder of trained runs <task>/<family>[/seed0] to use where "
-                             "present (e.g. runs/study)")
+                             "present (e.g. runs/small of blockmdm study --preset small)")
     parser.add_argument("--cache", default=str(ROOT / "runs" / "bench" / "decode"),
                         help="where the trained models are cached")
     parser.add_argument("--jobs", type=int, default=min(len(FAMILIES), os.cpu_count() or 1),
