@@ -334,6 +334,11 @@ def one_per_step(strategy: str) -> bool:
     return strategy in ("ar", "first_hitting") or strategy.endswith(" k=1")
 
 
+def _judged(judged: dict, row: dict) -> dict:
+    """The row of ``row``'s family and strategy at the judging batch (``row`` if none)."""
+    return judged.get((row["family"], row["strategy"]), row)
+
+
 def headline(rows: list, batch: int = 1, tolerance: float = 0.02) -> list:
     """Per task, as a sentence: the fastest row at ``batch`` that commits more than one token per
     call and whose accuracy is within ``tolerance`` of the reference: the best accuracy of ar and
@@ -349,20 +354,22 @@ def headline(rows: list, batch: int = 1, tolerance: float = 0.02) -> list:
         judged = {(r["family"], r["strategy"]): r for r in rows_t
                   if int(r["batch"]) == judge_batch}
         at = [r for r in rows_t if int(r["batch"]) == batch]
-
-        def judged_row(r, judged=judged):
-            return judged.get((r["family"], r["strategy"]), r)
-
+        # Per family, its most accurate one-token-per-step row (as judged).
+        singles = {}
+        for q in at:
+            j = _judged(judged, q)
+            if one_per_step(q["strategy"]) and (
+                    q["family"] not in singles or j["accuracy"] > singles[q["family"]]["accuracy"]):
+                singles[q["family"]] = j
         ar = next((r for r in at if r["family"] == "ar"), None)
         best = None
         for r in at:
             if r["family"] == "ar" or r["tokens_per_call"] <= 1.0 + 1e-9:
                 continue
-            refs = [judged_row(q) for q in at if q["family"] in ("ar", r["family"])
-                    and one_per_step(q["strategy"])]
-            ref = max(refs, key=lambda q: q["accuracy"], default=None)
+            ref = max((singles[f] for f in ("ar", r["family"]) if f in singles),
+                      key=lambda q: q["accuracy"], default=None)
             ref_acc = ref["accuracy"] if ref is not None else -1.0
-            if judged_row(r)["accuracy"] >= ref_acc - tolerance - 1e-9 and (
+            if _judged(judged, r)["accuracy"] >= ref_acc - tolerance - 1e-9 and (
                     best is None or r["tokens_per_s"] > best[0]["tokens_per_s"]):
                 best = (r, ref)
         if best is None:
@@ -370,7 +377,7 @@ def headline(rows: list, batch: int = 1, tolerance: float = 0.02) -> list:
                          f"{tolerance * 100:.0f} points of the reference accuracy.")
             continue
         r, ref = best
-        j = judged_row(r)
+        j = _judged(judged, r)
         vs_ar = (f"{r['speed_vs_ar']:.2f}x ar's {ar['tokens_per_s']:.0f} tokens/s"
                  if ar else "no ar row")
         ref_text = (f"; reference {ref['family']} `{ref['strategy']}` at {ref['accuracy']:.3f}, "
