@@ -42,6 +42,12 @@ bool attention_use_blas(bool use);
 // RMSNorm forward over the last dimension: x [..., D] (fp32 / fp16 / bf16), weight [D] of x's
 // dtype; y = (x * rsqrt(mean(x^2) + eps)) (fp32, rounded to x's dtype) * weight.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+// Training (contiguous fp32 rows): the forward also returns rstd float32 [rows], each row's
+// rsqrt(mean(x^2) + eps); the backward takes it and returns (dx, dweight).
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                double eps);
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                const at::Tensor& weight, const at::Tensor& rstd);
 
 // denoise.cpp
 // The whole denoising step of blockmdm_kernels.denoise_step on CPU tensors: logits [B, T, V]

@@ -23,6 +23,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // rms_norm
   m.def("rms_norm", &blockmdm::rms_norm, "x"_a, "weight"_a, "eps"_a);
+  m.def("rms_norm_fwd", &blockmdm::rms_norm_fwd, "x"_a, "weight"_a, "eps"_a,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm_bwd", &blockmdm::rms_norm_bwd, "dy"_a, "x"_a, "weight"_a, "rstd"_a,
+        py::call_guard<py::gil_scoped_release>());
 
   // cross_entropy
   m.def("cross_entropy_rows", &blockmdm::cross_entropy_rows, "logits"_a, "rows"_a, "targets"_a,

@@ -43,33 +43,107 @@ def test_rms_norm_inference_agrees_with_torch(dtype):
     assert ((out.float() - ref.float()).abs() <= 4 * ulp.float()).all()
 
 
-def test_rms_norm_gradients_are_torch():
-    x, w = case((3, 9, 48), torch.float32)
+# D > 1: at D = 1, dx is eps / |x|^3, all cancellation
+GRAD_SHAPES = [(1, 3), (3, 7), (3, 9, 48), (2, 63, 129), (0, 16)]
+
+
+@pytest.mark.parametrize("needs", ["both", "x", "weight"])
+@pytest.mark.parametrize("shape", GRAD_SHAPES)
+def test_rms_norm_gradients_match_reference(shape, needs):
+    # float32 on CPU: the native forward and backward when the extension is loaded
+    x, w = case(shape, torch.float32)
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
-    x, w = x.requires_grad_(), w.requires_grad_()
+    x.requires_grad_(needs in ("both", "x"))
+    w.requires_grad_(needs in ("both", "weight"))
     out = bk.rms_norm(x, w, 1e-5)
     ref = reference.rms_norm(x64, w64, 1e-5)
-    dy = torch.randn_like(ref)
-    gx, gw = torch.autograd.grad(out, (x, w), dy.float())
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inputs = [t for t in (x, w) if t.requires_grad]
+    grads = dict(zip([id(t) for t in inputs], torch.autograd.grad(out, inputs, dy.float())))
     rx, rw = torch.autograd.grad(ref, (x64, w64), dy)
-    assert_close_rel(out.double(), ref, torch.float32)
+    if out.numel():
+        assert_close_rel(out.double(), ref, torch.float32)
+    if x.requires_grad and x.numel():
+        assert_close_rel(grads[id(x)].double(), rx, torch.float32, "dx")
+    if w.requires_grad:
+        gw = grads[id(w)]
+        assert gw.shape == w.shape
+        if x.numel():
+            assert_close_rel(gw.double(), rw, torch.float32, "dw")
+        else:
+            assert not gw.any()
+
+
+def test_rms_norm_gradients_of_strided_inputs_and_many_threads():
+    # a column-major x and a non-contiguous upstream gradient; the weight's gradient is summed
+    # over rows split between threads
+    x, w = case((300, 40), torch.float32)
+    xt = x.t().contiguous().t().requires_grad_()
+    w.requires_grad_()
+    dy = torch.randn(40, 300).t()
+    out = bk.rms_norm(xt, w, 1e-6)
+    gx, gw = torch.autograd.grad(out, (xt, w), dy)
+    x64, w64 = x.double().requires_grad_(), w.detach().double().requires_grad_()
+    rx, rw = torch.autograd.grad(reference.rms_norm(x64, w64, 1e-6), (x64, w64), dy.double())
     assert_close_rel(gx.double(), rx, torch.float32, "dx")
     assert_close_rel(gw.double(), rw, torch.float32, "dw")
 
 
-def test_rms_norm_native_is_used_without_grad(monkeypatch):
+def test_rms_norm_training_agrees_with_torch():
+    # the native float32 training path and F.rms_norm's autograd: a few ulps apart
+    x, w = case((4, 33, 200), torch.float32)
+    x.requires_grad_(), w.requires_grad_()
+    dy = torch.randn(4, 33, 200, generator=torch.Generator().manual_seed(2))
+    out, ref = bk.rms_norm(x, w, 1e-6), F.rms_norm(x, (200,), w, 1e-6)
+    g, r = torch.autograd.grad(out, (x, w), dy), torch.autograd.grad(ref, (x, w), dy)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g[0], r[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g[1], r[1], rtol=1e-5, atol=1e-4)
+
+
+class _Recorder:
+    """The extension's ops, recording which were called."""
+
+    def __init__(self, ops, only=None):
+        self.ops, self.only, self.calls = ops, only, []
+
+    def __getattr__(self, name):
+        if self.only is not None and name not in self.only:
+            raise AttributeError(name)
+        op = getattr(self.ops, name)
+        return lambda *args, **kw: self.calls.append(name) or op(*args, **kw)
+
+
+def test_rms_norm_takes_the_native_kernels(monkeypatch):
     if not bk.native_available():
         pytest.skip("native extension not loaded")
-    calls, real = [], _native.ops
-    monkeypatch.setattr(_native, "ops", lambda: calls.append(1) or real())
+    ops = _Recorder(_native.ops())
+    monkeypatch.setattr(_native, "ops", lambda: ops)
     x, w = case((2, 5, 16), torch.float32)
     with torch.no_grad():
-        bk.rms_norm(x, w, 1e-5)
-    assert calls
-    calls.clear()
-    bk.rms_norm(x.requires_grad_(), w, 1e-5)  # a gradient to record: torch's autograd
-    bk.rms_norm(x.detach().double(), w.double(), 1e-5)  # float64: torch
-    assert not calls
+        bk.rms_norm(x, w, 1e-5)  # decoding: the forward alone
+    assert ops.calls == ["rms_norm"]
+    ops.calls.clear()
+    out = bk.rms_norm(x.clone().requires_grad_(), w, 1e-5)  # float32 training
+    out.sum().backward()
+    assert ops.calls == ["rms_norm_fwd", "rms_norm_bwd"]
+    ops.calls.clear()
+    bk.rms_norm(x.bfloat16().requires_grad_(), w.bfloat16(), 1e-5)  # 16-bit training: torch
+    bk.rms_norm(x.double(), w.double(), 1e-5)  # float64: torch
+    assert ops.calls == []
+
+
+def test_rms_norm_extension_without_the_training_kernels(monkeypatch):
+    # an extension built before them: torch's autograd, not an AttributeError
+    if not bk.native_available():
+        pytest.skip("native extension not loaded")
+    ops = _Recorder(_native.ops(), only={"rms_norm"})
+    monkeypatch.setattr(_native, "ops", lambda: ops)
+    x, w = case((2, 5, 16), torch.float32)
+    x.requires_grad_()
+    out = bk.rms_norm(x, w, 1e-5)
+    assert out.grad_fn is not None and "RMSNorm" not in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, F.rms_norm(x, (16,), w, 1e-5))
 
 
 def test_rms_norm_strides_and_default_eps():
