@@ -130,8 +130,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # F.rms_norm when training; the native kernel for a CPU decoding step, whose few rows
-        # make torch's composite cost more than the matrix products
+        # the native CPU kernels for a decoding step (whose few rows make torch's composite cost
+        # more than the matrix products) and for float32 training; F.rms_norm elsewhere
         return bk.rms_norm(x, self.weight.to(x.dtype), self.eps)
 
 
