@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from blockmdm_kernels import _native
 
@@ -71,7 +72,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Optional[float] = None)
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """The native float32 CPU forward and backward (csrc/norm.cpp)."""
+    """The native float32 CPU forward and backward (csrc/norm.cpp); a second derivative raises
+    (F.rms_norm gives one: 16-bit or float64 inputs, or ``BLOCKMDM_NO_NATIVE=1``)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -81,6 +83,7 @@ class _RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = _native.ops().rms_norm_bwd(dy.contiguous(), x, weight, rstd)

@@ -101,6 +101,17 @@ def test_rms_norm_training_agrees_with_torch():
     torch.testing.assert_close(g[1], r[1], rtol=1e-5, atol=1e-4)
 
 
+def test_rms_norm_native_training_has_no_second_derivative():
+    if not bk.native_available():
+        pytest.skip("native extension not loaded")
+    x, w = case((3, 16), torch.float32)
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(bk.rms_norm(x, w, 1e-5).pow(2).sum(), x, create_graph=True)
+    # an error, never a silently missing term (gx hangs off once_differentiable's error node)
+    with pytest.raises(RuntimeError, match="once_differentiable|not have been used"):
+        torch.autograd.grad(gx.sum(), x)
+
+
 class _Recorder:
     """The extension's ops, recording which were called."""
 
