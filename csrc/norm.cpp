@@ -106,8 +106,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
                   rstd.scalar_type() == at::kFloat,
               "rms_norm: dy must match x and rstd be float32 [rows]");
   at::Tensor dx = at::empty_like(x);
-  // dw: one fp32 partial sum per thread, added up at the end
-  const int64_t n_threads = at::get_num_threads();
+  // dw: one fp32 partial sum per thread, added up at the end. Called inside an enclosing
+  // parallel region, at::parallel_for runs inline on a thread whose id need not be below
+  // get_num_threads(): one partial sum then, rows in order.
+  const bool nested = at::in_parallel_region();
+  const int64_t n_threads = nested ? 1 : at::get_num_threads();
   at::Tensor partial = at::zeros({n_threads, D}, x.options());
   const float *xp = x.const_data_ptr<float>(), *gp = dy.const_data_ptr<float>(),
               *wp = weight.const_data_ptr<float>(), *rp = rstd.const_data_ptr<float>();
@@ -115,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   const float inv_d = D == 0 ? 0.f : 1.f / static_cast<float>(D);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
   at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) {
-    float* dw = pp + at::get_thread_num() * D;
+    float* dw = pp + (nested ? 0 : at::get_thread_num()) * D;
     for (int64_t r = lo; r < hi; ++r) {
       const float *xr = xp + r * D, *gr = gp + r * D;
       float* dxr = dxp + r * D;
