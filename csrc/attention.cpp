@@ -4,13 +4,17 @@
 // inputs are converted once to fp32 copies, every product and sum is fp32. A partial tile
 // carries a precomputed additive fp32 element mask [BM, BN], 0 where visible and -inf where
 // hidden (tile_mask_index >= 0 points at it), added to its scores with vector adds; a full tile
-// is used as is. The forward multiplies each run of adjacent non-empty key tiles of a query
-// tile at once (up to kRunScores scores), so narrow tiles cost no more gemm calls than wide
-// ones. Work items are claimed from an atomic counter, heaviest first, so uneven
-// rows (causal) balance across threads.
+// is used as is. The forward scores each run of adjacent non-empty key tiles of a query tile
+// (up to kRunScores scores) before one online-softmax update. The products are tile_gemm's
+// register-blocked kernels on operands packed once: K^T and V of every key tile per forward
+// call, a key tile's K^T, V^T, K and a run's Q, dO per backward item. A BLAS call packs its
+// operands on every call, which at head-dim sizes cost as much as the multiply. Work items are
+// claimed from an atomic counter, heaviest first, so uneven rows (causal) balance across
+// threads.
 
 #include "blockmdm.h"
 #include "rows.h"
+#include "tile_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -22,13 +26,6 @@
 #include <limits>
 #include <numeric>
 
-// The BLAS sgemm that torch links (MKL / OpenBLAS export it); weak so the extension still loads
-// on a torch without one and then multiplies through at::addmm_out.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc) __attribute__((weak));
-
 namespace blockmdm {
 namespace {
 
@@ -37,30 +34,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // Per-thread fp32 dQ accumulators of the backward are capped at this many bytes in total.
 constexpr int64_t kDqBufferBudget = int64_t(1) << 30;
-
-std::atomic<bool> g_use_blas{true};
-
-// Column-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C (BLAS convention). A
-// row-major matrix with leading dim ld is the column-major transpose, which is how the callers
-// below phrase their row-major products.
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (sgemm_ != nullptr && g_use_blas.load(std::memory_order_relaxed)) {
-    const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
-    const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
-    sgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
-    return;
-  }
-  // Row-major views: C^T [n, m] = alpha * op(B)^T [n, k] @ op(A)^T [k, m] + beta * C^T. A
-  // stored column-major as rows x cols is the row-major tensor A^T [cols, rows].
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor at_ = at::from_blob(const_cast<float*>(a), {ta ? m : k, ta ? k : m},
-                                       {lda, 1}, opts);
-  const at::Tensor bt = at::from_blob(const_cast<float*>(b), {tb ? k : n, tb ? n : k},
-                                      {ldb, 1}, opts);
-  at::Tensor ct = at::from_blob(c, {n, m}, {ldc, 1}, opts);
-  at::addmm_out(ct, ct, tb ? bt.t() : bt, ta ? at_.t() : at_, beta, alpha);
-}
 
 // x[j] = exp(x[j] - sub) in place; returns the sum.
 float exp_sub_sum(float* x, int64_t n, float sub) {
@@ -182,11 +155,6 @@ at::Tensor as_float(const at::Tensor& x) {
 
 }  // namespace
 
-bool attention_use_blas(bool use) {
-  g_use_blas = use;
-  return sgemm_ != nullptr;
-}
-
 void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                    const at::Tensor& kv_count, const at::Tensor& kv_index,
                    const at::Tensor& tile_mask_index, const at::Tensor& tile_masks,
@@ -226,6 +194,21 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   // Adjacent non-empty key tiles of a query tile are multiplied as one run of up to W keys:
   // fewer, wider gemm calls (each packs its operands once) and one softmax rescale per run.
   const int64_t W = run_width(BM, BN, nK);
+  const int64_t SW = W + kTilePanel;  // the scores' row stride, off a power of two
+
+  // K^T and V of every key tile, packed for tile_gemm once per call: [B, Hkv, nKt, tile].
+  const int64_t Hkv = k.size(2), nKt = (Tk + BN - 1) / BN;
+  const int64_t kt_pack = pack_panels_size(BN, D), v_pack = pack_rows_size(BN, D);
+  std::vector<float> kt_packed(B * Hkv * nKt * kt_pack), v_packed(B * Hkv * nKt * v_pack);
+  at::parallel_for(0, B * Hkv * nKt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (Hkv * nKt), hk = (i / nKt) % Hkv, n = i % nKt;
+      const int64_t rows = std::min(BN, Tk - n * BN);
+      pack_panels(kp + b * kB + n * BN * kT + hk * kH, kT, rows, D,
+                  kt_packed.data() + i * kt_pack);
+      pack_rows(vp + b * vB + n * BN * vT + hk * vH, vT, rows, D, v_packed.data() + i * v_pack);
+    }
+  });
 
   run_items(order, at::get_num_threads(), [&](int64_t, int64_t item) {
     thread_local std::vector<float> scratch;
@@ -233,10 +216,10 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
     const int64_t b = item / (nQ * H), m = (item / H) % nQ, h = item % H;
     const int64_t bm = Bm == 1 ? 0 : b;
     const int64_t r0 = m * BM, rm = std::min(BM, Tq - r0);
-    scratch.resize(BM * W + BM * D + 2 * BM);
+    scratch.resize(BM * SW + BM * D + 2 * BM);
     masks.resize(W / BN);
-    float* s = scratch.data();        // [BM, W] scores, then probabilities
-    float* acc = s + BM * W;          // [BM, D] unnormalised output
+    float* s = scratch.data();        // [BM, SW] scores, then probabilities
+    float* acc = s + BM * SW;         // [BM, D] unnormalised output
     float* mx = acc + BM * D;         // [BM] running max
     float* sum = mx + BM;             // [BM] running sum of exp
     std::fill(acc, acc + rm * D, 0.f);
@@ -255,11 +238,13 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
           any_mask);
       t += len;
       const int64_t c0 = n0 * BN, c = std::min(len * BN, Tk - c0);
-      const float* kt = kp + b * kB + c0 * kT + (h / G) * kH;
-      const float* vt = vp + b * vB + c0 * vT + (h / G) * vH;
-      gemm(true, false, c, rm, D, scale, kt, kT, qt, qT, 0.f, s, W);  // s = scale Q K^T [rm, c]
+      const int64_t tile0 = (b * Hkv + h / G) * nKt + n0;  // the run's first packed tile
+      for (int64_t j = 0; j < len; ++j)  // s = scale Q K^T [rm, c], tile by tile
+        tile_gemm(rm, std::min(BN, c - j * BN), D, scale, qt, qT, 1,
+                  kt_packed.data() + (tile0 + j) * kt_pack, kTilePanel, D * kTilePanel, 0.f,
+                  s + j * BN, SW);
       for (int64_t i = 0; i < rm; ++i) {
-        float* si = s + i * W;
+        float* si = s + i * SW;
         if (any_mask) {
           for (int64_t j = 0; j < len; ++j) {
             if (masks[j] == nullptr) continue;
@@ -276,7 +261,11 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
         mx[i] = m_new;
         if (alpha != 1.f) scale_row(acc + i * D, D, alpha);
       }
-      gemm(false, false, D, rm, c, 1.f, vt, vT, s, W, 1.f, acc, D);  // acc += P V [rm, D]
+      for (int64_t j = 0; j < len; ++j) {  // acc += P V [rm, D]
+        const int64_t cj = std::min(BN, c - j * BN);
+        tile_gemm(rm, D, cj, 1.f, s + j * BN, SW, 1, v_packed.data() + (tile0 + j) * v_pack,
+                  kTilePanel, cj * kTilePanel, 1.f, acc, D);
+      }
     }
     for (int64_t i = 0; i < rm; ++i) {
       const bool seen = sum[i] > 0.f;
@@ -338,8 +327,8 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
   }
   const auto order = heaviest_first(cost);
 
-  // Adjacent query tiles of a key tile are multiplied as one run of up to R rows: fewer, wider
-  // gemm calls, as the forward's runs of key tiles.
+  // Adjacent query tiles of a key tile are multiplied as one run of up to R rows: fewer, longer
+  // products, one pass of the softmax recompute, as the forward's runs of key tiles.
   const int64_t R = std::max<int64_t>(1, kRunScores / (BM * BN)) * BM;
 
   run_items(order, workers, [&](int64_t w, int64_t item) {
@@ -348,15 +337,25 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
     const int64_t b = item / (nK * Hkv), n = (item / Hkv) % nK, hk = item % Hkv;
     const int64_t bm = Bm == 1 ? 0 : b;
     const int64_t c0 = n * BN, c = std::min(BN, Tk - c0);
-    scratch.resize(2 * R * BN + 2 * BN * D);
+    scratch.resize(2 * R * BN + 2 * BN * D + 2 * pack_panels_size(BN, D) + pack_rows_size(BN, D) +
+                   2 * pack_rows_size(R, D));
     masks.resize(R / BM);
     float* p = scratch.data();    // [R, BN] probabilities
     float* ds = p + R * BN;       // [R, BN] dP, then dS
     float* dk_acc = ds + R * BN;  // [BN, D]
     float* dv_acc = dk_acc + BN * D;
+    // The tile's K^T, V^T and K, and a run's Q and dO, packed for tile_gemm.
+    float* kt_pk = dv_acc + BN * D;
+    float* vt_pk = kt_pk + pack_panels_size(BN, D);
+    float* k_pk = vt_pk + pack_panels_size(BN, D);
+    float* q_pk = k_pk + pack_rows_size(BN, D);
+    float* do_pk = q_pk + pack_rows_size(R, D);
     std::fill(dk_acc, dk_acc + 2 * BN * D, 0.f);
     const float* kt = kp + b * kB + c0 * kT + hk * kH;
     const float* vt = vp + b * vB + c0 * vT + hk * vH;
+    pack_panels(kt, kT, c, D, kt_pk);
+    pack_panels(vt, vT, c, D, vt_pk);
+    pack_rows(kt, kT, c, D, k_pk);
     float* dq_w = dqb + w * B * Tq * H * D;
     const int32_t* tiles = idx + (bm * nK + n) * nQ;
     const int64_t nq = cnt[bm * nK + n];
@@ -372,15 +371,20 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
         const float* qt = qp + b * qB + r0 * qT + h * qH;
         const float* dot = dop + b * dB + r0 * dT + h * dH;
-        gemm(true, false, c, rm, D, scale, kt, kT, qt, qT, 0.f, p, BN);  // scale Q K^T
+        pack_rows(qt, qT, rm, D, q_pk);
+        pack_rows(dot, dT, rm, D, do_pk);
+        tile_gemm(rm, c, D, scale, qt, qT, 1, kt_pk, kTilePanel, D * kTilePanel, 0.f, p,
+                  BN);  // p = scale Q K^T [rm, c]
         for (int64_t i = 0; i < rm; ++i) {
           float* pi = p + i * BN;
           const float* mask = any_mask ? masks[i / BM] : nullptr;
           if (mask) add_mask(pi, mask + (i % BM) * BN, c);  // hidden scores -> -inf -> p = 0
           exp_sub(pi, c, lp[(b * H + h) * Tq + r0 + i]);  // +inf lse (blind row) gives 0
         }
-        gemm(false, true, D, c, rm, 1.f, dot, dT, p, BN, 1.f, dv_acc, D);  // dV += P^T dO
-        gemm(true, false, c, rm, D, 1.f, vt, vT, dot, dT, 0.f, ds, BN);    // dP = dO V^T
+        tile_gemm(c, D, rm, 1.f, p, 1, BN, do_pk, kTilePanel, rm * kTilePanel, 1.f, dv_acc,
+                  D);  // dV += P^T dO
+        tile_gemm(rm, c, D, 1.f, dot, dT, 1, vt_pk, kTilePanel, D * kTilePanel, 0.f, ds,
+                  BN);  // dP = dO V^T
         for (int64_t i = 0; i < rm; ++i) {
           float* dsi = ds + i * BN;
           const float* pi = p + i * BN;
@@ -390,9 +394,10 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
             (Vec::loadu(pi + j) * (Vec::loadu(dsi + j) - dl)).store(dsi + j);
           for (; j < c; ++j) dsi[j] = pi[j] * (dsi[j] - dlt[(b * Tq + r0 + i) * H + h]);
         }
-        gemm(false, true, D, c, rm, scale, qt, qT, ds, BN, 1.f, dk_acc, D);  // dK += dS^T Q
-        gemm(false, false, D, rm, c, scale, kt, kT, ds, BN, 1.f,             // dQ += dS K
-             dq_w + ((b * Tq + r0) * H + h) * D, H * D);
+        tile_gemm(c, D, rm, scale, ds, 1, BN, q_pk, kTilePanel, rm * kTilePanel, 1.f, dk_acc,
+                  D);  // dK += dS^T Q
+        tile_gemm(rm, D, c, scale, ds, BN, 1, k_pk, kTilePanel, c * kTilePanel, 1.f,
+                  dq_w + ((b * Tq + r0) * H + h) * D, H * D);  // dQ += dS K
       }
     }
     for (int64_t j = 0; j < c; ++j) {
@@ -419,3 +424,4 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
 }
 
 }  // namespace blockmdm
+

@@ -34,9 +34,6 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const at::Tensor& tile_mask_index, const at::Tensor& tile_masks,
                    int64_t block_m, int64_t block_n, double scale, const at::Tensor& dq,
                    const at::Tensor& dk, const at::Tensor& dv);
-// Tile products through torch's BLAS sgemm (true, the default) or at::addmm_out (false, also the
-// path when torch exports no sgemm). Returns whether the BLAS sgemm exists.
-bool attention_use_blas(bool use);
 
 // norm.cpp
 // RMSNorm forward over the last dimension: x [..., D] (fp32 / fp16 / bf16), weight [D] of x's

@@ -13,8 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "block-masked attention forward, written into (o, lse)");
   m.def("attention_bwd", &blockmdm::attention_bwd,
         "block-masked attention backward, written into (dq, dk, dv)");
-  m.def("attention_use_blas", &blockmdm::attention_use_blas,
-        "tile products via torch's BLAS sgemm (True) or at::addmm_out; returns whether it exists");
+
 
   // denoise
   m.def("denoise_step", &blockmdm::denoise_step, "logits"_a, "tokens"_a, "active"_a, "k_rows"_a,

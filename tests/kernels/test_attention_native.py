@@ -192,18 +192,6 @@ def test_block_attention_native_thread_counts(threads, native, monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("case", [c for c in ALL if c[0] in SMALL], ids=SMALL)
-def test_block_attention_native_without_blas(case, native, monkeypatch):
-    # The tile products through at::addmm_out, the path of a torch that exports no sgemm.
-    native.attention_use_blas(False)
-    try:
-        monkeypatch.setattr(cpu, "NATIVE_Q_TILE", 16)
-        monkeypatch.setattr(cpu, "NATIVE_K_TILE", 24)
-        _check_against_reference(case, torch.float32, monkeypatch)
-    finally:
-        native.attention_use_blas(True)
-
-
 def test_native_kernels_write_every_output(native):
     # Outputs start as NaN: every element, masked rows included, must be written.
     spec = masks.jigsaw(4, _mb(2, 10), prefix=3, kv_lens=torch.tensor([0, 30]))
