@@ -7,7 +7,8 @@
 // is used as is. The forward scores each run of adjacent non-empty key tiles of a query tile
 // (up to kRunScores scores) before one online-softmax update. The products are tile_gemm's
 // register-blocked kernels on operands packed once: K^T and V of every key tile per forward
-// call, a key tile's K^T, V^T, K and a run's Q, dO per backward item. A BLAS call packs its
+// call (per item when a tile has one user), a key tile's K^T, V^T, K and a run's Q, dO per
+// backward item. A BLAS call packs its
 // operands on every call, which at head-dim sizes cost as much as the multiply. Work items are
 // claimed from an atomic counter, heaviest first, so uneven rows (causal) balance across
 // threads.
@@ -19,6 +20,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -78,6 +83,89 @@ void scale_row(float* x, int64_t n, float a) {
   for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * va).store(x + j);
   for (; j < n; ++j) x[j] *= a;
 }
+
+// s[j] = scale * q . k_j for the n keys k_j = k + j * ld, D floats each: eight keys at a time
+// whose products are summed across lanes together (AVX2), else one dot product each.
+void dot_keys(const float* q, const float* k, int64_t ld, int64_t n, int64_t D, float scale,
+              float* s) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (D % 8 == 0) {
+    for (; j + 8 <= n; j += 8) {
+      const float* kj = k + j * ld;
+      __m256 a[8];
+      for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int u = 0; u < 8; ++u)
+          a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + u * ld + d), a[u]);
+      }
+      // Pairwise sums: lanes 0-3 of h0 and h1 hold partial sums of keys 0-3 and 4-7, lanes 4-7
+      // the rest; the two 128-bit halves added give the eight totals in key order.
+      const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+      const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+      const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20),
+                                       _mm256_permute2f128_ps(h0, h1, 0x31));
+      _mm256_storeu_ps(s + j, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    const float* kj = k + j * ld;
+    int64_t d = 0;
+    float t = 0.f;
+    if (D >= Vec::size()) {
+      Vec acc(0.f);
+      for (; d + Vec::size() <= D; d += Vec::size())
+        acc = at::vec::fmadd(Vec::loadu(q + d), Vec::loadu(kj + d), acc);
+      t = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+    }
+    for (; d < D; ++d) t += q[d] * kj[d];
+    s[j] = scale * t;
+  }
+}
+
+// acc[0..D) += sum_j p[j] v_j over the n values v_j = v + j * ld, skipping zero weights (hidden
+// keys); the accumulator stays in NV registers.
+template <int NV>
+void weighted_sum_n(float* acc, const float* p, const float* v, int64_t ld, int64_t n) {
+  constexpr int64_t V = Vec::size();
+  Vec a[NV];
+  for (int u = 0; u < NV; ++u) a[u] = Vec::loadu(acc + u * V);
+  for (int64_t j = 0; j < n; ++j) {
+    if (p[j] == 0.f) continue;
+    const Vec pj(p[j]);
+    const float* vj = v + j * ld;
+    for (int u = 0; u < NV; ++u) a[u] = at::vec::fmadd(pj, Vec::loadu(vj + u * V), a[u]);
+  }
+  for (int u = 0; u < NV; ++u) a[u].store(acc + u * V);
+}
+
+void weighted_sum(float* acc, const float* p, const float* v, int64_t ld, int64_t n, int64_t D) {
+  if (D % Vec::size() == 0) {
+    switch (D / Vec::size()) {
+      case 1: return weighted_sum_n<1>(acc, p, v, ld, n);
+      case 2: return weighted_sum_n<2>(acc, p, v, ld, n);
+      case 4: return weighted_sum_n<4>(acc, p, v, ld, n);
+      case 8: return weighted_sum_n<8>(acc, p, v, ld, n);
+      case 16: return weighted_sum_n<16>(acc, p, v, ld, n);
+      default: break;
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const Vec pj(p[j]);
+    const float* vj = v + j * ld;
+    int64_t d = 0;
+    for (; d + Vec::size() <= D; d += Vec::size())
+      at::vec::fmadd(pj, Vec::loadu(vj + d), Vec::loadu(acc + d)).store(acc + d);
+    for (; d < D; ++d) acc[d] += p[j] * vj[d];
+  }
+}
+
+// A forward with at most this many query rows (a decoding step) reads K and V in place
+// (dot_keys, weighted_sum): packing a tile for tile_gemm would move as many floats as these few
+// rows multiply.
+constexpr int64_t kDirectRows = 12;
 
 // Score elements of one run's [rows, keys] block: 256 KiB of fp32, kept in L2.
 constexpr int64_t kRunScores = int64_t(1) << 16;
@@ -196,27 +284,39 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   const int64_t W = run_width(BM, BN, nK);
   const int64_t SW = W + kTilePanel;  // the scores' row stride, off a power of two
 
-  // K^T and V of every key tile, packed for tile_gemm once per call: [B, Hkv, nKt, tile].
+  // K^T and V of each key tile, packed for tile_gemm: once per call into [B, Hkv, nKt, tile]
+  // when a tile has several users (query tiles, or heads sharing a kv head); otherwise (a
+  // decoding step's few rows, one query tile) by the item that uses it, into its own scratch,
+  // which costs the same packing without a call-sized buffer.
   const int64_t Hkv = k.size(2), nKt = (Tk + BN - 1) / BN;
   const int64_t kt_pack = pack_panels_size(BN, D), v_pack = pack_rows_size(BN, D);
-  std::vector<float> kt_packed(B * Hkv * nKt * kt_pack), v_packed(B * Hkv * nKt * v_pack);
-  at::parallel_for(0, B * Hkv * nKt, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / (Hkv * nKt), hk = (i / nKt) % Hkv, n = i % nKt;
-      const int64_t rows = std::min(BN, Tk - n * BN);
-      pack_panels(kp + b * kB + n * BN * kT + hk * kH, kT, rows, D,
-                  kt_packed.data() + i * kt_pack);
-      pack_rows(vp + b * vB + n * BN * vT + hk * vH, vT, rows, D, v_packed.data() + i * v_pack);
-    }
-  });
+  const bool direct = Tq <= kDirectRows, prepack = !direct && (nQ > 1 || G > 1);
+  auto pack_tile = [&](int64_t i, float* kt_dst, float* v_dst) {  // tile i of [B, Hkv, nKt]
+    const int64_t b = i / (Hkv * nKt), hk = (i / nKt) % Hkv, n = i % nKt;
+    const int64_t rows = std::min(BN, Tk - n * BN);
+    pack_panels(kp + b * kB + n * BN * kT + hk * kH, kT, rows, D, kt_dst);
+    pack_rows(vp + b * vB + n * BN * vT + hk * vH, vT, rows, D, v_dst);
+  };
+  at::Tensor packed;  // not zeroed: packing writes every float a product reads
+  if (prepack) {
+    packed = at::empty({B * Hkv * nKt * (kt_pack + v_pack)}, q.options());
+    float* base = packed.data_ptr<float>();
+    at::parallel_for(0, B * Hkv * nKt, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        pack_tile(i, base + i * kt_pack, base + B * Hkv * nKt * kt_pack + i * v_pack);
+    });
+  }
+  const float* kt_all = prepack ? packed.data_ptr<float>() : nullptr;
+  const float* v_all = prepack ? kt_all + B * Hkv * nKt * kt_pack : nullptr;
 
   run_items(order, at::get_num_threads(), [&](int64_t, int64_t item) {
-    thread_local std::vector<float> scratch;
+    thread_local std::vector<float> scratch, own_pack;
     thread_local std::vector<const float*> masks;
     const int64_t b = item / (nQ * H), m = (item / H) % nQ, h = item % H;
     const int64_t bm = Bm == 1 ? 0 : b;
     const int64_t r0 = m * BM, rm = std::min(BM, Tq - r0);
     scratch.resize(BM * SW + BM * D + 2 * BM);
+    if (!prepack && !direct) own_pack.resize(W / BN * (kt_pack + v_pack));
     masks.resize(W / BN);
     float* s = scratch.data();        // [BM, SW] scores, then probabilities
     float* acc = s + BM * SW;         // [BM, D] unnormalised output
@@ -238,11 +338,26 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
           any_mask);
       t += len;
       const int64_t c0 = n0 * BN, c = std::min(len * BN, Tk - c0);
-      const int64_t tile0 = (b * Hkv + h / G) * nKt + n0;  // the run's first packed tile
-      for (int64_t j = 0; j < len; ++j)  // s = scale Q K^T [rm, c], tile by tile
-        tile_gemm(rm, std::min(BN, c - j * BN), D, scale, qt, qT, 1,
-                  kt_packed.data() + (tile0 + j) * kt_pack, kTilePanel, D * kTilePanel, 0.f,
-                  s + j * BN, SW);
+      const int64_t tile0 = (b * Hkv + h / G) * nKt + n0;  // the run's first tile
+      const float* kr = kp + b * kB + c0 * kT + (h / G) * kH;  // the run's first key
+      const float* vr = vp + b * vB + c0 * vT + (h / G) * vH;
+      const float *kt_run = nullptr, *v_run = nullptr;  // the run's packed K^T and V tiles
+      if (direct) {
+        for (int64_t i = 0; i < rm; ++i)  // s = scale Q K^T [rm, c]
+          dot_keys(qt + i * qT, kr, kT, c, D, scale, s + i * SW);
+      } else if (prepack) {
+        kt_run = kt_all + tile0 * kt_pack;
+        v_run = v_all + tile0 * v_pack;
+      } else {
+        float* own = own_pack.data();
+        for (int64_t j = 0; j < len; ++j)
+          pack_tile(tile0 + j, own + j * kt_pack, own + len * kt_pack + j * v_pack);
+        kt_run = own;
+        v_run = own + len * kt_pack;
+      }
+      for (int64_t j = 0; j < len && !direct; ++j)  // s = scale Q K^T [rm, c], tile by tile
+        tile_gemm(rm, std::min(BN, c - j * BN), D, scale, qt, qT, 1, kt_run + j * kt_pack,
+                  kTilePanel, D * kTilePanel, 0.f, s + j * BN, SW);
       for (int64_t i = 0; i < rm; ++i) {
         float* si = s + i * SW;
         if (any_mask) {
@@ -261,10 +376,14 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
         mx[i] = m_new;
         if (alpha != 1.f) scale_row(acc + i * D, D, alpha);
       }
+      if (direct) {  // acc += P V [rm, D]
+        for (int64_t i = 0; i < rm; ++i) weighted_sum(acc + i * D, s + i * SW, vr, vT, c, D);
+        continue;
+      }
       for (int64_t j = 0; j < len; ++j) {  // acc += P V [rm, D]
         const int64_t cj = std::min(BN, c - j * BN);
-        tile_gemm(rm, D, cj, 1.f, s + j * BN, SW, 1, v_packed.data() + (tile0 + j) * v_pack,
-                  kTilePanel, cj * kTilePanel, 1.f, acc, D);
+        tile_gemm(rm, D, cj, 1.f, s + j * BN, SW, 1, v_run + j * v_pack, kTilePanel,
+                  cj * kTilePanel, 1.f, acc, D);
       }
     }
     for (int64_t i = 0; i < rm; ++i) {

@@ -71,6 +71,16 @@ EXTRA = [
     ("jigsaw_b5_whole_blocks", lambda: masks.jigsaw(5, torch.stack(
         [torch.ones(9, dtype=torch.bool), torch.zeros(9, dtype=torch.bool), _mb(1, 9)[0]]),
         prefix=7), 3, 52, 52, 4, 2, 16),
+    # Decoding steps of up to attention.cpp's kDirectRows (12) query rows read K and V in place:
+    # partial tiles, GQA, a row cut short by kv_lens, key counts off every vector width.
+    ("block_causal_decode_Tq9_gqa", lambda: masks.block_causal(
+        4, prefix=3, q_offset=40, kv_lens=torch.tensor([49, 30])), 2, 9, 49, 4, 2, 32),
+    ("scatter_decode_Tq12_D64", lambda: masks.scatter(3, prefix=2, q_offset=60), 1, 12, 72, 2,
+     2, 64),
+    # Just above it, one query tile and no shared kv head: each item packs its own key tiles.
+    ("jigsaw_Tq13_own_packing", lambda: masks.jigsaw(4, _mb(2, 4), prefix=1), 2, 13, 13, 2, 2,
+     16),
+    ("full_Tq13_D128", lambda: masks.full(q_offset=27), 1, 13, 40, 2, 2, 128),
 ]
 ALL = CASES + EXTRA
 ALL_IDS = CASE_IDS + [c[0] for c in EXTRA]
