@@ -8,10 +8,10 @@
 // (up to kRunScores scores) before one online-softmax update. The products are tile_gemm's
 // register-blocked kernels on operands packed once: K^T and V of every key tile per forward
 // call (per item when a tile has one user), a key tile's K^T, V^T, K and a run's Q, dO per
-// backward item. A BLAS call packs its
-// operands on every call, which at head-dim sizes cost as much as the multiply. Work items are
-// claimed from an atomic counter, heaviest first, so uneven rows (causal) balance across
-// threads.
+// backward item; a BLAS call packs its operands on every call, which at head-dim sizes costs
+// as much as the multiply. A decoding step's few query rows read K and V in place instead
+// (kDirectRows). Work items are claimed from an atomic counter, heaviest first, so uneven rows
+// (causal) balance across threads.
 
 #include "blockmdm.h"
 #include "rows.h"
@@ -162,10 +162,12 @@ void weighted_sum(float* acc, const float* p, const float* v, int64_t ld, int64_
   }
 }
 
-// A forward with at most this many query rows (a decoding step) reads K and V in place
-// (dot_keys, weighted_sum): packing a tile for tile_gemm would move as many floats as these few
-// rows multiply.
+// A forward with at most this many query rows (a decoding step: ar's one row, a Sudoku block of
+// 9) reads K and V in place (dot_keys, weighted_sum): packing a tile for tile_gemm would move
+// as many floats as these few rows multiply. From about 16 rows the packed tiles were faster.
 constexpr int64_t kDirectRows = 12;
+// Keys such a step takes at a time for all its rows: their K (or V) rows, every head, in L1.
+constexpr int64_t kKeyChunk = 32;
 
 // Score elements of one run's [rows, keys] block: 256 KiB of fp32, kept in L2.
 constexpr int64_t kRunScores = int64_t(1) << 16;
@@ -270,27 +272,32 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   const int32_t* tmi = tile_mask_index.data_ptr<int32_t>();
   const float* tms = tile_masks.data_ptr<float>();
 
-  // Item (b, h, m), h fastest so neighbouring items share K/V of a batch row.
-  const int64_t n_items = B * nQ * H;
+  const bool direct = Tq <= kDirectRows;
+  const int64_t threads = at::get_num_threads();
+  // Item (b, m, a group of hg heads), heads fastest so neighbouring items share K/V of a batch
+  // row. A decoding step with enough batch rows to go round takes every head in one item, so
+  // each key row's heads are read together while in L1.
+  const int64_t hg = direct && B * nQ >= 4 * threads ? H : 1, n_groups = H / hg;
+  const int64_t n_items = B * nQ * n_groups;
   std::vector<int64_t> cost(n_items);
   for (int64_t i = 0; i < n_items; ++i) {
-    const int64_t b = i / (nQ * H), m = (i / H) % nQ;
+    const int64_t b = i / (nQ * n_groups), m = (i / n_groups) % nQ;
     cost[i] = cnt[(Bm == 1 ? 0 : b) * nQ + m];
   }
   const auto order = heaviest_first(cost);
 
   // Adjacent non-empty key tiles of a query tile are multiplied as one run of up to W keys:
-  // fewer, wider gemm calls (each packs its operands once) and one softmax rescale per run.
+  // fewer, wider gemm calls and one softmax rescale per run.
   const int64_t W = run_width(BM, BN, nK);
   const int64_t SW = W + kTilePanel;  // the scores' row stride, off a power of two
 
   // K^T and V of each key tile, packed for tile_gemm: once per call into [B, Hkv, nKt, tile]
-  // when a tile has several users (query tiles, or heads sharing a kv head); otherwise (a
-  // decoding step's few rows, one query tile) by the item that uses it, into its own scratch,
-  // which costs the same packing without a call-sized buffer.
+  // when a tile has several users (query tiles, or heads sharing a kv head); otherwise (one
+  // query tile) by the item that uses it, into its own scratch, which costs the same packing
+  // without a call-sized buffer. A decoding step packs nothing.
   const int64_t Hkv = k.size(2), nKt = (Tk + BN - 1) / BN;
   const int64_t kt_pack = pack_panels_size(BN, D), v_pack = pack_rows_size(BN, D);
-  const bool direct = Tq <= kDirectRows, prepack = !direct && (nQ > 1 || G > 1);
+  const bool prepack = !direct && (nQ > 1 || G > 1);
   auto pack_tile = [&](int64_t i, float* kt_dst, float* v_dst) {  // tile i of [B, Hkv, nKt]
     const int64_t b = i / (Hkv * nKt), hk = (i / nKt) % Hkv, n = i % nKt;
     const int64_t rows = std::min(BN, Tk - n * BN);
@@ -309,23 +316,25 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
   const float* kt_all = prepack ? packed.data_ptr<float>() : nullptr;
   const float* v_all = prepack ? kt_all + B * Hkv * nKt * kt_pack : nullptr;
 
-  run_items(order, at::get_num_threads(), [&](int64_t, int64_t item) {
+  run_items(order, threads, [&](int64_t, int64_t item) {
     thread_local std::vector<float> scratch, own_pack;
     thread_local std::vector<const float*> masks;
-    const int64_t b = item / (nQ * H), m = (item / H) % nQ, h = item % H;
+    const int64_t b = item / (nQ * n_groups), m = (item / n_groups) % nQ;
+    const int64_t h0 = (item % n_groups) * hg;
     const int64_t bm = Bm == 1 ? 0 : b;
     const int64_t r0 = m * BM, rm = std::min(BM, Tq - r0);
-    scratch.resize(BM * SW + BM * D + 2 * BM);
+    const int64_t R = hg * rm;  // score rows, r = hh * rm + i: head h0 + hh, query row r0 + i
+    scratch.resize(R * SW + R * D + 2 * R);
     if (!prepack && !direct) own_pack.resize(W / BN * (kt_pack + v_pack));
     masks.resize(W / BN);
-    float* s = scratch.data();        // [BM, SW] scores, then probabilities
-    float* acc = s + BM * SW;         // [BM, D] unnormalised output
-    float* mx = acc + BM * D;         // [BM] running max
-    float* sum = mx + BM;             // [BM] running sum of exp
-    std::fill(acc, acc + rm * D, 0.f);
-    std::fill(mx, mx + rm, kNegInf);
-    std::fill(sum, sum + rm, 0.f);
-    const float* qt = qp + b * qB + r0 * qT + h * qH;
+    float* s = scratch.data();  // [R, SW] scores, then probabilities
+    float* acc = s + R * SW;    // [R, D] unnormalised output
+    float* mx = acc + R * D;    // [R] running max
+    float* sum = mx + R;        // [R] running sum of exp
+    std::fill(acc, acc + R * D, 0.f);
+    std::fill(mx, mx + R, kNegInf);
+    std::fill(sum, sum + R, 0.f);
+    auto q_row = [&](int64_t r) { return qp + b * qB + (r0 + r % rm) * qT + (h0 + r / rm) * qH; };
     const int32_t* tiles = idx + (bm * nQ + m) * nK;
     const int32_t* tile_mask = tmi + (bm * nQ + m) * nK;
     const int64_t nk = cnt[bm * nQ + m];
@@ -338,46 +347,52 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
           any_mask);
       t += len;
       const int64_t c0 = n0 * BN, c = std::min(len * BN, Tk - c0);
-      const int64_t tile0 = (b * Hkv + h / G) * nKt + n0;  // the run's first tile
-      const float* kr = kp + b * kB + c0 * kT + (h / G) * kH;  // the run's first key
-      const float* vr = vp + b * vB + c0 * vT + (h / G) * vH;
       const float *kt_run = nullptr, *v_run = nullptr;  // the run's packed K^T and V tiles
-      if (direct) {
-        for (int64_t i = 0; i < rm; ++i)  // s = scale Q K^T [rm, c]
-          dot_keys(qt + i * qT, kr, kT, c, D, scale, s + i * SW);
-      } else if (prepack) {
-        kt_run = kt_all + tile0 * kt_pack;
-        v_run = v_all + tile0 * v_pack;
-      } else {
-        float* own = own_pack.data();
+      if (direct) {  // s = scale Q K^T [R, c], kKeyChunk keys at a time for every row
+        for (int64_t j = 0; j < c; j += kKeyChunk)
+          for (int64_t r = 0; r < R; ++r)
+            dot_keys(q_row(r), kp + b * kB + (c0 + j) * kT + ((h0 + r / rm) / G) * kH, kT,
+                     std::min(kKeyChunk, c - j), D, scale, s + r * SW + j);
+      } else {  // one head (hg == 1): s = scale Q K^T [rm, c], tile by tile
+        const int64_t tile0 = (b * Hkv + h0 / G) * nKt + n0;  // the run's first tile
+        if (prepack) {
+          kt_run = kt_all + tile0 * kt_pack;
+          v_run = v_all + tile0 * v_pack;
+        } else {
+          float* own = own_pack.data();
+          for (int64_t j = 0; j < len; ++j)
+            pack_tile(tile0 + j, own + j * kt_pack, own + len * kt_pack + j * v_pack);
+          kt_run = own;
+          v_run = own + len * kt_pack;
+        }
         for (int64_t j = 0; j < len; ++j)
-          pack_tile(tile0 + j, own + j * kt_pack, own + len * kt_pack + j * v_pack);
-        kt_run = own;
-        v_run = own + len * kt_pack;
+          tile_gemm(rm, std::min(BN, c - j * BN), D, scale, q_row(0), qT, 1,
+                    kt_run + j * kt_pack, kTilePanel, D * kTilePanel, 0.f, s + j * BN, SW);
       }
-      for (int64_t j = 0; j < len && !direct; ++j)  // s = scale Q K^T [rm, c], tile by tile
-        tile_gemm(rm, std::min(BN, c - j * BN), D, scale, qt, qT, 1, kt_run + j * kt_pack,
-                  kTilePanel, D * kTilePanel, 0.f, s + j * BN, SW);
-      for (int64_t i = 0; i < rm; ++i) {
-        float* si = s + i * SW;
+      for (int64_t r = 0; r < R; ++r) {
+        float* si = s + r * SW;
         if (any_mask) {
           for (int64_t j = 0; j < len; ++j) {
             if (masks[j] == nullptr) continue;
-            add_mask(si + j * BN, masks[j] + i * BN, std::min(BN, c - j * BN));
+            add_mask(si + j * BN, masks[j] + (r % rm) * BN, std::min(BN, c - j * BN));
           }
         }
-        const float m_new = std::max(mx[i], row_max(si, 0, c));
+        const float m_new = std::max(mx[r], row_max(si, 0, c));
         if (m_new == kNegInf) {  // nothing visible to this row yet
           std::fill(si, si + c, 0.f);
           continue;
         }
-        const float alpha = std::exp(mx[i] - m_new);
-        sum[i] = sum[i] * alpha + exp_sub_sum(si, c, m_new);
-        mx[i] = m_new;
-        if (alpha != 1.f) scale_row(acc + i * D, D, alpha);
+        const float alpha = std::exp(mx[r] - m_new);
+        sum[r] = sum[r] * alpha + exp_sub_sum(si, c, m_new);
+        mx[r] = m_new;
+        if (alpha != 1.f) scale_row(acc + r * D, D, alpha);
       }
-      if (direct) {  // acc += P V [rm, D]
-        for (int64_t i = 0; i < rm; ++i) weighted_sum(acc + i * D, s + i * SW, vr, vT, c, D);
+      if (direct) {  // acc += P V [R, D], kKeyChunk keys at a time for every row
+        for (int64_t j = 0; j < c; j += kKeyChunk)
+          for (int64_t r = 0; r < R; ++r)
+            weighted_sum(acc + r * D, s + r * SW + j,
+                         vp + b * vB + (c0 + j) * vT + ((h0 + r / rm) / G) * vH, vT,
+                         std::min(kKeyChunk, c - j), D);
         continue;
       }
       for (int64_t j = 0; j < len; ++j) {  // acc += P V [rm, D]
@@ -386,10 +401,11 @@ void attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Ten
                   cj * kTilePanel, 1.f, acc, D);
       }
     }
-    for (int64_t i = 0; i < rm; ++i) {
-      const bool seen = sum[i] > 0.f;
-      store_o(op, ((b * Tq + r0 + i) * H + h) * D, acc + i * D, D, seen ? 1.f / sum[i] : 0.f);
-      lp[(b * H + h) * Tq + r0 + i] = seen ? mx[i] + std::log(sum[i]) : kInf;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t h = h0 + r / rm, i = r0 + r % rm;
+      const bool seen = sum[r] > 0.f;
+      store_o(op, ((b * Tq + i) * H + h) * D, acc + r * D, D, seen ? 1.f / sum[r] : 0.f);
+      lp[(b * H + h) * Tq + i] = seen ? mx[r] + std::log(sum[r]) : kInf;
     }
   });
 }

@@ -77,6 +77,10 @@ EXTRA = [
         4, prefix=3, q_offset=40, kv_lens=torch.tensor([49, 30])), 2, 9, 49, 4, 2, 32),
     ("scatter_decode_Tq12_D64", lambda: masks.scatter(3, prefix=2, q_offset=60), 1, 12, 72, 2,
      2, 64),
+    # Enough batch rows that one item takes every head (B >= 4 x threads).
+    ("block_causal_decode_batch9_gqa", lambda: masks.block_causal(
+        3, prefix=4, q_offset=66, kv_lens=torch.tensor([69, 12, 0, 69, 40, 69, 69, 68, 5])), 9,
+     3, 69, 4, 2, 16),
     # Just above it, one query tile and no shared kv head: each item packs its own key tiles.
     ("jigsaw_Tq13_own_packing", lambda: masks.jigsaw(4, _mb(2, 4), prefix=1), 2, 13, 13, 2, 2,
      16),
