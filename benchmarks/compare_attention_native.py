@@ -37,7 +37,7 @@ def _interleaved(fns, repeats):
 
 
 def _report(name, label, times):
-    ms = " ".join(f"{key}={statistics.median(t) * 1e3:.1f}ms" for key, t in times.items())
+    ms = " ".join(f"{key}={statistics.median(t) * 1e3:.3g}ms" for key, t in times.items())
     ratios = " ".join(
         f"{key}/ours={statistics.median(a / b for a, b in zip(t, times['ours'])):.2f}"
         for key, t in times.items() if key != "ours")
