@@ -430,19 +430,23 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
 
   // delta = rowsum(dO * O): [B, Tq, H]
   const at::Tensor delta = at::mul(dO, o_in.to(at::kFloat)).sum(-1).contiguous();
+  // Q and dO head-major, [B, H, Tq, D] contiguous: a run of one head's rows is one contiguous
+  // block that the products read in place. Read through the [B, Tq, H, D] strides, a run's rows
+  // lie H * D floats apart, and packing them for every key tile that sees them missed the
+  // cache on most loads (a quarter of the backward's own time at T = 512, H = 8, D = 32).
+  const at::Tensor qh = q.transpose(1, 2).contiguous(), doh = dO.transpose(1, 2).contiguous();
 
-  // Each worker adds its dQ share into its own buffer (no two threads write one element); the
-  // buffers are summed at the end. Their count is capped by memory, not below one.
+  // Each worker adds its dQ share into its own head-major buffer [B, H, Tq, D] (no two threads
+  // write one element); the buffers are summed at the end. Their count is capped by memory, not
+  // below one.
   const int64_t dq_bytes = B * Tq * H * D * int64_t(sizeof(float));
   const int64_t workers = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), kDqBufferBudget / std::max<int64_t>(dq_bytes, 1)));
-  at::Tensor dq_buf = at::zeros({workers, B, Tq, H, D}, q.options());
+  at::Tensor dq_buf = at::zeros({workers, B, H, Tq, D}, q.options());
 
-  const float *dop = dO.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(),
+  const float *dop = doh.data_ptr<float>(), *qp = qh.data_ptr<float>(), *kp = k.data_ptr<float>(),
               *vp = v.data_ptr<float>(), *lp = lse.data_ptr<float>(),
               *dlt = delta.data_ptr<float>();
-  const int64_t dB = dO.stride(0), dT = dO.stride(1), dH = dO.stride(2);
-  const int64_t qB = q.stride(0), qT = q.stride(1), qH = q.stride(2);
   const int64_t kB = k.stride(0), kT = k.stride(1), kH = k.stride(2);
   const int64_t vB = v.stride(0), vT = v.stride(1), vH = v.stride(2);
   void *dkp = dk.data_ptr(), *dvp = dv.data_ptr();
@@ -472,19 +476,16 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
     const int64_t b = item / (nK * Hkv), n = (item / Hkv) % nK, hk = item % Hkv;
     const int64_t bm = Bm == 1 ? 0 : b;
     const int64_t c0 = n * BN, c = std::min(BN, Tk - c0);
-    scratch.resize(2 * R * BN + 2 * BN * D + 2 * pack_panels_size(BN, D) + pack_rows_size(BN, D) +
-                   2 * pack_rows_size(R, D));
+    scratch.resize(2 * R * BN + 2 * BN * D + 2 * pack_panels_size(BN, D) + pack_rows_size(BN, D));
     masks.resize(R / BM);
     float* p = scratch.data();    // [R, BN] probabilities
     float* ds = p + R * BN;       // [R, BN] dP, then dS
     float* dk_acc = ds + R * BN;  // [BN, D]
     float* dv_acc = dk_acc + BN * D;
-    // The tile's K^T, V^T and K, and a run's Q and dO, packed for tile_gemm.
+    // The tile's K^T, V^T and K, packed for tile_gemm (Q and dO are read in place).
     float* kt_pk = dv_acc + BN * D;
     float* vt_pk = kt_pk + pack_panels_size(BN, D);
     float* k_pk = vt_pk + pack_panels_size(BN, D);
-    float* q_pk = k_pk + pack_rows_size(BN, D);
-    float* do_pk = q_pk + pack_rows_size(R, D);
     std::fill(dk_acc, dk_acc + 2 * BN * D, 0.f);
     const float* kt = kp + b * kB + c0 * kT + hk * kH;
     const float* vt = vp + b * vB + c0 * vT + hk * vH;
@@ -504,11 +505,10 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
       t += len;
       const int64_t r0 = m0 * BM, rm = std::min(len * BM, Tq - r0);
       for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-        const float* qt = qp + b * qB + r0 * qT + h * qH;
-        const float* dot = dop + b * dB + r0 * dT + h * dH;
-        pack_rows(qt, qT, rm, D, q_pk);
-        pack_rows(dot, dT, rm, D, do_pk);
-        tile_gemm(rm, c, D, scale, qt, qT, 1, kt_pk, kTilePanel, D * kTilePanel, 0.f, p,
+        const int64_t row0 = (b * H + h) * Tq + r0;  // the run's first row, head-major
+        const float* qt = qp + row0 * D;   // [rm, D], contiguous
+        const float* dot = dop + row0 * D;
+        tile_gemm(rm, c, D, scale, qt, D, 1, kt_pk, kTilePanel, D * kTilePanel, 0.f, p,
                   BN);  // p = scale Q K^T [rm, c]
         for (int64_t i = 0; i < rm; ++i) {
           float* pi = p + i * BN;
@@ -516,9 +516,9 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
           if (mask) add_mask(pi, mask + (i % BM) * BN, c);  // hidden scores -> -inf -> p = 0
           exp_sub(pi, c, lp[(b * H + h) * Tq + r0 + i]);  // +inf lse (blind row) gives 0
         }
-        tile_gemm(c, D, rm, 1.f, p, 1, BN, do_pk, kTilePanel, rm * kTilePanel, 1.f, dv_acc,
+        tile_gemm(c, D, rm, 1.f, p, 1, BN, dot, D, kTilePanel, 1.f, dv_acc,
                   D);  // dV += P^T dO
-        tile_gemm(rm, c, D, 1.f, dot, dT, 1, vt_pk, kTilePanel, D * kTilePanel, 0.f, ds,
+        tile_gemm(rm, c, D, 1.f, dot, D, 1, vt_pk, kTilePanel, D * kTilePanel, 0.f, ds,
                   BN);  // dP = dO V^T
         for (int64_t i = 0; i < rm; ++i) {
           float* dsi = ds + i * BN;
@@ -529,10 +529,10 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
             (Vec::loadu(pi + j) * (Vec::loadu(dsi + j) - dl)).store(dsi + j);
           for (; j < c; ++j) dsi[j] = pi[j] * (dsi[j] - dlt[(b * Tq + r0 + i) * H + h]);
         }
-        tile_gemm(c, D, rm, scale, ds, 1, BN, q_pk, kTilePanel, rm * kTilePanel, 1.f, dk_acc,
+        tile_gemm(c, D, rm, scale, ds, 1, BN, qt, D, kTilePanel, 1.f, dk_acc,
                   D);  // dK += dS^T Q
         tile_gemm(rm, D, c, scale, ds, BN, 1, k_pk, kTilePanel, c * kTilePanel, 1.f,
-                  dq_w + ((b * Tq + r0) * H + h) * D, H * D);  // dQ += dS K
+                  dq_w + row0 * D, D);  // dQ += dS K
       }
     }
     for (int64_t j = 0; j < c; ++j) {
@@ -541,16 +541,19 @@ void attention_bwd(const at::Tensor& do_in, const at::Tensor& q_in, const at::Te
       store_kv(dvp, off, dv_acc + j * D, D, 1.f);
     }
   });
-  // dq = the sum of the workers' buffers, row by row.
+  // dq = the sum of the workers' buffers, row by row (row r = (b, t, h) of dq is row
+  // (b, h, t) of a buffer).
   const StoreFn store_q = store_fn(dq.scalar_type());
   void* dqp = dq.data_ptr();
   const int64_t rows = B * Tq * H, buf_stride = rows * D;
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> row(D);
     for (int64_t r = begin; r < end; ++r) {
-      std::copy(dqb + r * D, dqb + (r + 1) * D, row.begin());
+      const int64_t b = r / (Tq * H), t = (r / H) % Tq, h = r % H;
+      const float* first = dqb + ((b * H + h) * Tq + t) * D;
+      std::copy(first, first + D, row.begin());
       for (int64_t w = 1; w < workers; ++w) {
-        const float* src = dqb + w * buf_stride + r * D;
+        const float* src = first + w * buf_stride;
         for (int64_t d = 0; d < D; ++d) row[d] += src[d];
       }
       store_q(dqp, r * D, row.data(), D, 1.f);

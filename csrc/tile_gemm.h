@@ -12,6 +12,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
 
@@ -117,18 +121,57 @@ inline int64_t pack_rows_size(int64_t rows, int64_t cols) {
   return (cols + kTilePanel - 1) / kTilePanel * kTilePanel * rows;
 }
 
+namespace tile_gemm_detail {
+
+#if defined(__AVX2__) && defined(__FMA__)
+// dst[d * ldd + i] = src[i * ld + d] for an 8 x 8 block: eight row loads, three rounds of
+// shuffles, eight row stores.
+inline void transpose8x8(const float* src, int64_t ld, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
+}  // namespace tile_gemm_detail
+
 // The transpose of src [rows, cols] (row stride ld) as tile_gemm's B [cols, rows], packed: panel
 // q holds rows q * kTilePanel .. of src as a contiguous [cols, kTilePanel] block (zeros past the
-// last row), so a micro-tile's loads of B walk one small contiguous block.
+// last row), so a micro-tile's loads of B walk one small contiguous block. Whole 8 x 8 blocks
+// go through vector transposes, the rest element by element.
 inline void pack_panels(const float* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
   for (int64_t q = 0; q * kTilePanel < rows; ++q) {
     float* panel = dst + q * kTilePanel * cols;
     const int64_t n = std::min<int64_t>(kTilePanel, rows - q * kTilePanel);
-    for (int64_t jj = 0; jj < n; ++jj) {
+    int64_t jj = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const int64_t cols8 = cols / 8 * 8;
+    for (; jj + 8 <= n; jj += 8) {
+      const float* s = src + (q * kTilePanel + jj) * ld;
+      for (int64_t d = 0; d < cols8; d += 8)
+        tile_gemm_detail::transpose8x8(s + d, ld, panel + d * kTilePanel + jj, kTilePanel);
+      for (int64_t i = 0; i < 8; ++i)
+        for (int64_t d = cols8; d < cols; ++d) panel[d * kTilePanel + jj + i] = s[i * ld + d];
+    }
+#endif
+    for (; jj < n; ++jj) {
       const float* s = src + (q * kTilePanel + jj) * ld;
       for (int64_t d = 0; d < cols; ++d) panel[d * kTilePanel + jj] = s[d];
     }
-    for (int64_t jj = n; jj < kTilePanel; ++jj)
+    for (jj = n; jj < kTilePanel; ++jj)
       for (int64_t d = 0; d < cols; ++d) panel[d * kTilePanel + jj] = 0.f;
   }
 }
@@ -143,6 +186,11 @@ inline void pack_rows(const float* src, int64_t ld, int64_t rows, int64_t cols, 
     for (int64_t p = 0; p < rows; ++p) {
       const float* s = src + p * ld + d0;
       float* out = panel + p * kTilePanel;
+      if (n == kTilePanel) {  // vector copies: a library copy call per 64 bytes cost more
+        for (int64_t v = 0; v < kTilePanel; v += tile_gemm_detail::Vec::size())
+          tile_gemm_detail::Vec::loadu(s + v).store(out + v);
+        continue;
+      }
       std::copy(s, s + n, out);
       std::fill(out + n, out + kTilePanel, 0.f);
     }
