@@ -7,6 +7,8 @@
     loss = bk.linear_masked_cross_entropy(hidden, weight, targets, weights)
     tokens, committed, conf = bk.denoise_step(logits, tokens, active, mask_id=m, k=2)
     h = bk.rms_norm(x, weight, eps)
+    q = bk.rope(q, cos, sin)
+    y = bk.swiglu(w1(x), w3(x))
 """
 
 from blockmdm_kernels import _native, masks
@@ -14,6 +16,8 @@ from blockmdm_kernels.attention import block_attention
 from blockmdm_kernels.cross_entropy import linear_masked_cross_entropy, masked_cross_entropy
 from blockmdm_kernels.denoise import denoise_step
 from blockmdm_kernels.rms_norm import rms_norm
+from blockmdm_kernels.rope import rope
+from blockmdm_kernels.swiglu import swiglu
 
 __version__ = "0.1.0"
 
@@ -34,6 +38,8 @@ __all__ = [
     "masked_cross_entropy",
     "denoise_step",
     "rms_norm",
+    "rope",
+    "swiglu",
     "native_available",
     "__version__",
 ]

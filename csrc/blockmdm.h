@@ -46,6 +46,19 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::T
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
                                                 const at::Tensor& weight, const at::Tensor& rstd);
 
+// swiglu.cpp
+// silu(a) * b and its backward (da, db), contiguous float32 tensors of one shape.
+at::Tensor swiglu_fwd(const at::Tensor& a, const at::Tensor& b);
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& g, const at::Tensor& a,
+                                              const at::Tensor& b);
+
+// rope.cpp
+// x float32 [B, t, n, D] (last dim contiguous), cos/sin contiguous float32 [1 or B, t, D/2]:
+// the first `heads` heads turned by the angles (by their negatives when inverse, the backward),
+// the rest copied, into a new contiguous [B, t, n, D].
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                int64_t heads, bool inverse);
+
 // denoise.cpp
 // The whole denoising step of blockmdm_kernels.denoise_step on CPU tensors: logits [B, T, V]
 // float32/bfloat16/float16, tokens integer [B, T], active bool [B, T], k_rows int64 [B] or k, or

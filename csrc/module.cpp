@@ -27,6 +27,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_bwd", &blockmdm::rms_norm_bwd, "dy"_a, "x"_a, "weight"_a, "rstd"_a,
         py::call_guard<py::gil_scoped_release>());
 
+  // swiglu, rope
+  m.def("swiglu_fwd", &blockmdm::swiglu_fwd, "a"_a, "b"_a,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("swiglu_bwd", &blockmdm::swiglu_bwd, "g"_a, "a"_a, "b"_a,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rope", &blockmdm::rope, "x"_a, "cos"_a, "sin"_a, "heads"_a, "inverse"_a,
+        py::call_guard<py::gil_scoped_release>());
+
   // cross_entropy
   m.def("cross_entropy_rows", &blockmdm::cross_entropy_rows, "logits"_a, "rows"_a, "targets"_a,
         "coef"_a, "focal_gamma"_a, "z_loss"_a, py::call_guard<py::gil_scoped_release>());

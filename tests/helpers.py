@@ -24,3 +24,17 @@ def assert_close_rel(out, ref, dtype, name="output", factor=1.0):
 
 def devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+class OpRecorder:
+    """Stands in for ``blockmdm_kernels._native.ops()``: the extension's ops, recording the name of
+    each one called (``only``: the names it has; any other is missing, as in an older build)."""
+
+    def __init__(self, ops, only=None):
+        self.ops, self.only, self.calls = ops, only, []
+
+    def __getattr__(self, name):
+        if self.only is not None and name not in self.only:
+            raise AttributeError(name)
+        op = getattr(self.ops, name)
+        return lambda *args, **kw: self.calls.append(name) or op(*args, **kw)

@@ -141,13 +141,6 @@ def _rope_tables(head_dim: int, max_len: int, base: float):
     return angles.cos().float(), angles.sin().float()  # [max_len, D/2]
 
 
-def _apply_rope(x, cos, sin):
-    """x [B, t, H, D]; cos, sin [B or 1, t, D/2]: rotates pairs (x_i, x_{i+D/2})."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -164,16 +157,16 @@ class Attention(nn.Module):
         B, t, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         if keep is None:
-            # Queries and keys rotated in one call: [B, t, H + Hkv, D] (views of it are q, k).
+            # Queries and keys turned, values copied, in one call (q, k, v are views of its
+            # output, so their gradients come back as one tensor).
             qkv = self.wqkv(x).view(B, t, H + 2 * Hkv, D)
-            q, k = _apply_rope(qkv[:, :, :H + Hkv], cos, sin).split([H, Hkv], dim=2)
-            v = qkv[:, :, H + Hkv:]
+            q, k, v = bk.rope(qkv, cos, sin, heads=H + Hkv).split([H, Hkv, Hkv], dim=2)
         else:
             w_q, w_kv = self.wqkv.weight.split([H * D, 2 * Hkv * D])
             q = F.linear(x[:, :keep], w_q).view(B, keep, H, D)
-            q = _apply_rope(q, cos[:, :keep], sin[:, :keep])
+            q = bk.rope(q, cos[:, :keep], sin[:, :keep])
             k, v = F.linear(x, w_kv).view(B, t, 2 * Hkv, D).split([Hkv, Hkv], dim=2)
-            k = _apply_rope(k, cos, sin)
+            k = bk.rope(k, cos, sin)
         tq = q.shape[1]
         if cache is not None:
             k, v = cache.update(self.layer, start, k.to(cache.k.dtype), v.to(cache.v.dtype))
@@ -190,7 +183,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate, config.dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(bk.swiglu(self.w1(x), self.w3(x)))
 
 
 class Block(nn.Module):

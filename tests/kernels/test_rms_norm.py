@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import blockmdm_kernels as bk
 from blockmdm_kernels import _native
 from blockmdm_kernels.rms_norm import reference
-from tests.helpers import assert_close_rel, devices
+from tests.helpers import OpRecorder, assert_close_rel, devices
 
 SHAPES = [(1, 1), (3, 7), (1, 1, 64), (2, 63, 129), (5, 111, 32), (0, 16)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -112,23 +112,10 @@ def test_rms_norm_native_training_has_no_second_derivative():
         torch.autograd.grad(gx.sum(), x)
 
 
-class _Recorder:
-    """The extension's ops, recording which were called."""
-
-    def __init__(self, ops, only=None):
-        self.ops, self.only, self.calls = ops, only, []
-
-    def __getattr__(self, name):
-        if self.only is not None and name not in self.only:
-            raise AttributeError(name)
-        op = getattr(self.ops, name)
-        return lambda *args, **kw: self.calls.append(name) or op(*args, **kw)
-
-
 def test_rms_norm_takes_the_native_kernels(monkeypatch):
     if not bk.native_available():
         pytest.skip("native extension not loaded")
-    ops = _Recorder(_native.ops())
+    ops = OpRecorder(_native.ops())
     monkeypatch.setattr(_native, "ops", lambda: ops)
     x, w = case((2, 5, 16), torch.float32)
     with torch.no_grad():
@@ -148,7 +135,7 @@ def test_rms_norm_extension_without_the_training_kernels(monkeypatch):
     # an extension built before them: torch's autograd, not an AttributeError
     if not bk.native_available():
         pytest.skip("native extension not loaded")
-    ops = _Recorder(_native.ops(), only={"rms_norm"})
+    ops = OpRecorder(_native.ops(), only={"rms_norm"})
     monkeypatch.setattr(_native, "ops", lambda: ops)
     x, w = case((2, 5, 16), torch.float32)
     x.requires_grad_()

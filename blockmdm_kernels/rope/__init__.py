@@ -1,0 +1,93 @@
+"""Rotary position embedding: public function, argument checks and dispatch.
+
+There is no Triton kernel: CUDA tensors take the composite of ``reference.rope`` (torch ops). On
+CPU, float32 inputs take the native kernel (csrc/rope.cpp) when the extension is loaded: one pass
+forward and one backward (the inverse turn of the gradient), where the composite writes eight
+temporaries forward and more backward. With ``heads``, one call turns the queries and keys of a
+fused qkv projection and copies its values, so their gradients come back in one tensor, where
+slicing q and k out first costs autograd a zero-filled gradient of the whole projection per
+slice. Everything else (other dtypes, ``torch.compile``, angles that need a gradient, a second
+derivative) takes the composite. ``BLOCKMDM_BACKEND`` does not apply.
+"""
+
+import numbers
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from blockmdm_kernels import _native
+from blockmdm_kernels.rope import reference
+
+__all__ = ["rope"]
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         heads: Optional[int] = None) -> torch.Tensor:
+    """Rotary position embedding: each head's pairs (x_i, x_{i+D/2}) turned by its position's
+    angles, ``(x_i cos - x_{i+D/2} sin, x_i sin + x_{i+D/2} cos)``, computed in float32 (or
+    float64).
+
+    Args:
+        x: float [B, t, n, D], D even (any strides)
+        cos, sin: float [B or 1, t, D/2], the angles' cosines and sines per position, x's device
+        heads: turn the first ``heads`` of the n heads (default: all) and copy the others, e.g.
+            ``rope(qkv, cos, sin, heads=H + Hkv)`` on a fused projection [B, t, H + 2 Hkv, D]
+    Returns:
+        a new contiguous [B, t, n, D] in x's dtype. Differentiable in x (and in cos and sin,
+        through the composite).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4 \
+            or x.shape[-1] % 2:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point tensor [B, t, n, D] with even D, got {got}")
+    B, t, n, D = x.shape
+    for name, c in (("cos", cos), ("sin", sin)):
+        if (not isinstance(c, torch.Tensor) or not c.is_floating_point() or c.dim() != 3
+                or c.shape[0] not in (1, B) or c.shape[1:] != (t, D // 2)
+                or c.device != x.device):
+            got = (f"{c.dtype} {tuple(c.shape)} on {c.device}" if isinstance(c, torch.Tensor)
+                   else type(c).__name__)
+            raise ValueError(f"{name} must be a floating-point [1 or {B}, {t}, {D // 2}] tensor "
+                             f"on {x.device}, got {got}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+    if heads is None:
+        heads = n
+    elif not isinstance(heads, numbers.Integral) or isinstance(heads, bool) \
+            or not 0 <= heads <= n:
+        raise ValueError(f"heads must be an int in [0, {n}] or None, got {heads!r}")
+    if (x.is_cuda or x.dtype != torch.float32 or cos.dtype != torch.float32
+            or sin.dtype != torch.float32 or not _native.available()
+            or torch.compiler.is_compiling() or not hasattr(_native.ops(), "rope")):
+        return reference.rope(x, cos, sin, heads)
+    grad = torch.is_grad_enabled()
+    if grad and (cos.requires_grad or sin.requires_grad):
+        return reference.rope(x, cos, sin, heads)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if grad and x.requires_grad:
+        return _RoPEFunction.apply(x, cos, sin, int(heads))
+    return _native.ops().rope(_last_dim_contiguous(x), cos, sin, int(heads), False)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _RoPEFunction(torch.autograd.Function):
+    """The native float32 CPU forward and backward (the inverse turn); a second derivative
+    raises."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, heads):
+        ctx.save_for_backward(cos, sin)
+        ctx.heads = heads
+        return _native.ops().rope(_last_dim_contiguous(x), cos, sin, heads, False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _native.ops().rope(_last_dim_contiguous(g), cos, sin, ctx.heads, True), None, \
+            None, None
