@@ -344,9 +344,11 @@ def main(argv=None):
     notes = (
         "One training step = zero_grad, forward, loss, backward, AdamW step "
         f"({'bf16 autocast, fp32 weights' if args.device == 'cuda' else 'fp32'}). "
-        "Ours = `family_loss` (bk.block_attention + bk.linear_masked_cross_entropy); plain = "
-        "the same weights with SDPA under the dense boolean mask (ar: is_causal, mdm: no mask) "
-        "and full logits + "
+        "Ours = `family_loss`: the model on blockmdm's kernels (bk.block_attention, "
+        "bk.linear_masked_cross_entropy, bk.rms_norm, bk.rope, bk.swiglu; the last three are "
+        "native on CPU and torch's ops on CUDA); plain = "
+        "the same weights in torch ops: SDPA under the dense boolean mask (ar: is_causal, mdm: "
+        "no mask), F.rms_norm, RoPE by torch.cat, F.silu(a) * b, full logits + "
         "F.cross_entropy(reduction='none') * weights"
         + ("; flex = plain with compiled FlexAttention and a block mask from the spec"
            if size == "cuda" else "")
