@@ -7,9 +7,9 @@
 // is used as is. The forward scores each run of adjacent non-empty key tiles of a query tile
 // (up to kRunScores scores) before one online-softmax update. The products are tile_gemm's
 // register-blocked kernels on operands packed once: K^T and V of every key tile per forward
-// call (per item when a tile has one user), a key tile's K^T, V^T, K and a run's Q, dO per
-// backward item; a BLAS call packs its operands on every call, which at head-dim sizes costs
-// as much as the multiply. A decoding step's few query rows read K and V in place instead
+// call (per item when a tile has one user), a key tile's K^T, V^T and K per backward item,
+// whose Q and dO are read in place from head-major copies made once per call; a BLAS call packs
+// its operands on every call, which at head-dim sizes costs as much as the multiply. A decoding step's few query rows read K and V in place instead
 // (kDirectRows). Work items are claimed from an atomic counter, heaviest first, so uneven rows
 // (causal) balance across threads.
 
