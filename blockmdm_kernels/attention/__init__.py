@@ -18,7 +18,7 @@ from blockmdm_kernels import _dispatch
 from blockmdm_kernels.attention import cpu, reference
 from blockmdm_kernels.masks import KINDS, MaskSpec
 
-__all__ = ["block_attention"]
+__all__ = ["block_attention", "unmasked_first"]
 
 HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,9 +35,10 @@ _STATIC_SPEC_CACHE_SIZE = 32
 _ORDER_CACHE: OrderedDict = OrderedDict()
 _ORDER_CACHE_SIZE = 8
 # Jigsaw orders (one per masked_blocks tensor and version): a step's layers share one, and with
-# it the permuted spec whose tile maps are built once per step.
+# it the moved spec whose tile maps are built once per step. The moved spec's own tensor is kept
+# too, as already in order (two entries a step).
 _JIGSAW_CACHE: OrderedDict = OrderedDict()
-_JIGSAW_CACHE_SIZE = 4
+_JIGSAW_CACHE_SIZE = 8
 # False runs jigsaw in position order on the CPU path too (benchmarks compare the two).
 UNMASKED_FIRST = True
 # Full and causal self-attention in 16-bit on a GPU go to torch's own SDPA kernels (FlashAttention
@@ -97,6 +98,7 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
         # Jigsaw with its unmasked blocks moved before its masked ones, per batch row: the keys
         # every query sees become one run of full tiles and a masked block's keys one diagonal
         # tile, where in position order nearly every tile mixes both and needs element masks.
+        # (The training loss moves its batch into this order once per step: unmasked_first.)
         perm, inverse_rows, mask = rows
         q, k, v = (_take_rows(x, perm) for x in (q, k, v))
     o, _ = _attention(
@@ -138,13 +140,27 @@ def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * T, h, D).index_select(0, rows).view(B, T, h, D)
 
 
+def unmasked_first(mask: MaskSpec, T: int):
+    """The order the fast paths attend a jigsaw mask in: (order, spec), order int64 [B, T]
+    listing per batch row the prompt, the unmasked blocks and then the masked blocks (each group
+    in position order), spec the same mask in that order (jigsaw with every unmasked block
+    first). None for every other mask: not jigsaw self-attention over whole blocks of a T-long
+    sequence (no q_offset, no kv_lens), the switch off, or while compiling (the orders are
+    cached by tensor identity).
+
+    A caller that moves its sequence into this order once (the training loss moves inputs,
+    RoPE positions and targets) spares each attention layer moving q, k, v and o, forward and
+    backward: :func:`block_attention` takes the returned spec as it is.
+    """
+    moved = _moved(mask, T)
+    return None if moved is None else (moved[0], moved[3])
+
+
 def _unmasked_first(mask: MaskSpec, Tq: int, Tk: int, backend: str):
     """(perm, inverse, spec) for a jigsaw self-attention mask over whole blocks on the CPU and
-    Triton paths: perm int64 [B * T] lists, per batch row, the prompt, the unmasked blocks and
-    then the masked blocks (each group in position order), offset by row * T into the flattened
-    batch; inverse undoes it; spec is the same mask in that order (jigsaw with every unmasked
-    block first). None for every other mask, for the reference path, and while compiling (the
-    orders are cached by tensor identity).
+    Triton paths: :func:`unmasked_first`'s order flattened over the batch (perm int64 [B * T],
+    offset by row * T), its inverse, and the moved spec. None where that returns None, for the
+    reference path, and for a spec that is already in this order.
 
     Only whole blocks keep the block boundaries where the spec puts them after the move. On an
     H200 at T = 2048 with blocks of 16 (position order, 64-wide tiles: nearly every tile mixes
@@ -152,14 +168,24 @@ def _unmasked_first(mask: MaskSpec, Tq: int, Tk: int, backend: str):
     against block's 66.8 ms at about the same FLOPs (benchmarks/results/nvidia-h200/
     train-2048.md), hence the Triton path takes the same order as the CPU one.
     """
+    if backend == "reference" or Tq != Tk:
+        return None
+    moved = _moved(mask, Tk)
+    return None if moved is None else moved[1:]
+
+
+def _moved(mask: MaskSpec, T: int):
+    """(order [B, T], perm [B * T], inverse [B * T], spec) of :func:`unmasked_first`, cached
+    per masked_blocks tensor; None where it does not apply or the mask is already in order."""
+    if torch.compiler.is_compiling():
+        return None
     P, bs = mask.prefix, mask.block_size
-    n = Tk - P
-    if (not UNMASKED_FIRST or mask.kind != "jigsaw" or backend == "reference" or Tq != Tk
-            or mask.q_offset or mask.kv_lens is not None or n < 2 * bs or n % bs
-            or torch.compiler.is_compiling()):
+    n = T - P
+    if (not UNMASKED_FIRST or mask.kind != "jigsaw" or mask.q_offset
+            or mask.kv_lens is not None or n < 2 * bs or n % bs):
         return None
     mb = mask.masked_blocks
-    key = (id(mb), mb._version, Tk, P, bs)
+    key = (id(mb), mb._version, T, P, bs)
     hit = _JIGSAW_CACHE.get(key)
     if hit is not None and hit[0] is mb:
         _JIGSAW_CACHE.move_to_end(key)
@@ -170,13 +196,17 @@ def _unmasked_first(mask: MaskSpec, Tq: int, Tk: int, backend: str):
     within = torch.arange(bs, device=mb.device)
     response = (order[:, :, None] * bs + within + P).reshape(B, n)
     prompt = torch.arange(P, device=mb.device).expand(B, P)
-    perm = (torch.cat([prompt, response], 1)
-            + Tk * torch.arange(B, device=mb.device)[:, None]).reshape(-1)
+    order = torch.cat([prompt, response], 1)
+    perm = (order + T * torch.arange(B, device=mb.device)[:, None]).reshape(-1)
     inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(B * Tk, device=mb.device)
+    inverse[perm] = torch.arange(B * T, device=mb.device)
     spec = MaskSpec("jigsaw", bs, P, masked_blocks=flags.bool())
-    _put(_JIGSAW_CACHE, key, (mb, (perm, inverse, spec)), _JIGSAW_CACHE_SIZE)
-    return perm, inverse, spec
+    _put(_JIGSAW_CACHE, key, (mb, (order, perm, inverse, spec)), _JIGSAW_CACHE_SIZE)
+    # The moved spec is in this order already: attention under it moves nothing.
+    moved_mb = spec.masked_blocks
+    _put(_JIGSAW_CACHE, (id(moved_mb), moved_mb._version, T, P, bs), (moved_mb, None),
+         _JIGSAW_CACHE_SIZE)
+    return order, perm, inverse, spec
 
 
 def _one_native_tile(backend: str, dtype: torch.dtype, Tq: int, Tk: int) -> bool:

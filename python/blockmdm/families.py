@@ -19,7 +19,9 @@ position for token tasks, the response y vectors for the continuous task (``targ
   inside a masked block the targets are predicted left to right with teacher forcing: position
   p holds the clean element p - 1 (the mask at the block's first position) and sees the
   positions <= p of its block (:func:`jigsaw_inputs`), so a block decoded left to right sees
-  exactly what training showed it.
+  exactly what training showed it. The loss moves each row's unmasked blocks before its masked
+  ones first (the order jigsaw attention runs in; RoPE keeps every token's position), once per
+  step instead of once per attention layer.
 - bd3: input [x_t | x_0]; t per block from U[beta, omega]; bd3 mask; loss on the x_t half; both
   halves get the RoPE positions 0..n-1.
 
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from blockmdm_kernels import masks
+from blockmdm_kernels.attention import unmasked_first
 
 FAMILIES = ("ar", "mdm", "block", "jigsaw", "scatter", "bd3")
 WEIGHTINGS = ("elbo", "none", "mgdm")
@@ -407,6 +410,8 @@ def family_loss(model, batch: Corrupted, *, scale: float = 1.0):
 def family_loss_sum(model, batch: Corrupted):
     """sum(weights * loss) of a corrupted batch: the model forward and the loss, with no
     Python number that changes between steps (what torch.compile traces as one graph)."""
+    if not torch.compiler.is_compiling():
+        batch = _in_attention_order(batch)
     keep = batch.loss_len
     h = model.hidden_states(batch.inputs, mask=batch.spec(), positions=batch.positions,
                             masked=batch.masked, keep=keep)
@@ -422,6 +427,39 @@ def family_loss_sum(model, batch: Corrupted):
     else:
         total = model.token_loss(h, targets, weights, focal_gamma=batch.focal_gamma, rows=rows)
     return total
+
+
+def _in_attention_order(batch: Corrupted) -> Corrupted:
+    """A jigsaw batch moved into the order its attention runs in (per row: the prompt, the
+    unmasked blocks, then the masked blocks; :func:`unmasked_first`): inputs, targets, weights
+    and loss rows move, and the RoPE positions keep each token's own position. The loss is a sum
+    over positions, so it does not change; each attention layer then takes the moved spec as it
+    is, where it would otherwise move q, k, v and the output itself, forward and backward.
+    Every other batch comes back as it is."""
+    if batch.kind != "jigsaw" or batch.positions is not None:
+        return batch
+    moved = unmasked_first(batch.spec(), batch.inputs.shape[1])
+    if moved is None:
+        return batch
+    order, spec = moved
+    B, T = order.shape
+
+    def take(x):
+        if x is None:
+            return None
+        return x.gather(1, order if x.dim() == 2 else order[..., None].expand_as(x))
+
+    selected = batch.selected
+    if selected is not None:
+        where = torch.empty_like(order).scatter_(
+            1, order, torch.arange(T, device=order.device).expand(B, T))
+        where = (where + T * torch.arange(B, device=order.device)[:, None]).reshape(-1)
+        selected = where[selected].sort().values
+    out = replace(batch, inputs=take(batch.inputs), targets=take(batch.targets),
+                  weights=take(batch.weights), masked=take(batch.masked),
+                  masked_blocks=spec.masked_blocks, positions=order, selected=selected)
+    out._spec = spec
+    return out
 
 
 @torch.no_grad()

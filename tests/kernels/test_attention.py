@@ -409,6 +409,13 @@ def test_jigsaw_over_whole_blocks_runs_unmasked_first():
         assert torch.equal(dense[b][rows][:, rows], moved_dense[b])
     # The Triton path takes the same order.
     assert _unmasked_first(spec, 14, 14, "triton")[2] is moved
+    # The public order is per row; a sequence already in it (the moved spec) is not moved again.
+    order, public = attention.unmasked_first(spec, 14)
+    assert public is moved
+    assert torch.equal((order + 14 * torch.arange(2)[:, None]).reshape(-1), perm)
+    assert _unmasked_first(moved, 14, 14, "cpu") is None
+    assert attention.unmasked_first(moved, 14) is None
+    assert attention.unmasked_first(spec, 15) is None  # not whole blocks of a 15-long sequence
     # Ragged blocks, decoding, padding, the reference path and the switch keep position order.
     for other, Tq, Tk, backend in [
         (masks.jigsaw(3, mb, prefix=3), 14, 14, "cpu"),

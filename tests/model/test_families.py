@@ -350,3 +350,56 @@ def test_spec_is_built_once_per_batch():
     shard = batch.rows(0, 2)
     assert shard.spec() is not batch.spec()
     assert torch.equal(shard.spec().masked_blocks, batch.masked_blocks[:2])
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_jigsaw_loss_runs_in_attention_order(continuous, monkeypatch):
+    """The jigsaw loss moves its batch once into the order its attention runs in (unmasked blocks
+    first): the same loss and gradients as in position order, with no move left per layer."""
+    from blockmdm.families import _in_attention_order
+
+    from blockmdm_kernels import attention
+
+    if continuous:
+        x, prefix, targetable = _linreg(B=5, points=8)
+        torch.manual_seed(3)
+        model = Transformer(ModelConfig(input_dim=4, n_layer=2, dim=32, n_head=2, max_len=24))
+        batch = get_family("jigsaw").corrupt(x, prefix=prefix, block_size=2, generator=_gen(4),
+                                             targetable=targetable)
+    else:
+        model = _model()
+        batch = get_family("jigsaw").corrupt(_tokens(5), prefix=P, block_size=BS,
+                                             generator=_gen(4), mask_id=MASK)
+    moved = _in_attention_order(batch)
+    T = batch.inputs.shape[1]
+    order = moved.positions
+    # Each row: the prompt, then its unmasked blocks, then its masked ones, in position order.
+    for b in range(5):
+        blk = (order[b] - batch.prefix).div(batch.block_size, rounding_mode="floor")
+        flag = torch.where(blk < 0, -1, batch.masked_blocks[b][blk.clamp(min=0)].long())
+        assert torch.equal(flag, flag.sort(stable=True).values)
+        assert sorted(order[b].tolist()) == list(range(T))
+        assert all(order[b][i] < order[b][i + 1] for i in range(T - 1) if flag[i] == flag[i + 1])
+        assert torch.equal(moved.inputs[b], batch.inputs[b][order[b]])
+        assert torch.equal(moved.targets[b], batch.targets[b][order[b]])
+        assert torch.equal(moved.weights[b], batch.weights[b][order[b]])
+        if continuous:
+            assert torch.equal(moved.masked[b], batch.masked[b][order[b]])
+    if not continuous:
+        expect = ((moved.targets != -100) & (moved.weights != 0)).flatten().nonzero().squeeze(1)
+        assert torch.equal(moved.selected, expect)
+    assert attention._unmasked_first(moved.spec(), T, T, "cpu") is None
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = family_loss(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setattr(attention, "UNMASKED_FIRST", False)
+    assert _in_attention_order(batch) is batch
+    ref_loss, ref_grads = loss_and_grads()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
