@@ -14,7 +14,8 @@ has (`pip install --target DIR triton==X` and `PYTHONPATH=DIR`) before spending 
 
 Covered: attention under every mask kind (kv_lens, decoding, GQA, reordered scatter and jigsaw
 included), forward and both backward kernels; the cross-entropy over logits and fused with the
-projection; the denoise step under each confidence rule, with and without sampling. One fixed
+projection; the denoise step under each confidence rule, with and without sampling; RoPE on
+a strided fused projection with shared and per-row angles; the SwiGLU product. One fixed
 config per kernel variant (BLOCKMDM_AUTOTUNE=0, as the GPU check's tests): the autotuner skips a
 config that runs out of resources on the device. Prints one line per case and a table per
 kernel (variants, largest shared memory); exits 1 on any failure or a kernel over the target's
@@ -87,6 +88,8 @@ def _install(arch: int) -> list:
     from blockmdm_kernels.attention import triton as attention_triton
     from blockmdm_kernels.cross_entropy import triton as _ce  # noqa: F401
     from blockmdm_kernels.denoise import triton as _denoise  # noqa: F401
+    from blockmdm_kernels.rope import triton as _rope  # noqa: F401
+    from blockmdm_kernels.swiglu import triton as _swiglu  # noqa: F401
 
     # The choices the ops make on a GPU: its tile sizes, its launch settings.
     cpu_tiles = attention_triton.tile_sizes
@@ -173,6 +176,22 @@ def _cases(dtypes, head_dims):
                     bk.denoise_step(logits, tokens, active, mask_id=V - 1, **kw)
 
             yield f"denoise {dtype} V{V}", denoise
+        for D in head_dims:
+            def rope(D=D, dt=dt):
+                # the model's call: a strided view of the fused qkv projection, angles shared
+                # by the batch rows, then per row
+                qkv = torch.randn(B, T, 3 * 4, D + 2, dtype=dt)[..., 1:D + 1].requires_grad_()
+                for Bc in (1, B):
+                    cos, sin = torch.rand(Bc, T, D // 2), torch.rand(Bc, T, D // 2)
+                    bk.rope(qkv, cos, sin, heads=8).float().sum().backward()
+
+            yield f"rope {dtype} D{D}", rope
+
+        def swiglu(dt=dt):
+            a, b = (torch.randn(B, T, 704, dtype=dt, requires_grad=True) for _ in range(2))
+            bk.swiglu(a, b).float().sum().backward()
+
+        yield f"swiglu {dtype}", swiglu
 
 
 def main(argv=None):

@@ -249,7 +249,7 @@ write_report
 
 # Tests: only those that run on CUDA tensors (the Triton backend and the cuda marker; the CPU
 # paths are covered by the CPU suite), without autotuning (one compile per kernel variant), in
-# six parallel shards so the cold compiles use several cores (on an H200 the fp32 attention
+# parallel shards so the cold compiles use several cores (on an H200 the fp32 attention
 # cases took 112 s in two shards).
 bf16_cases="causal_gqa or causal_decode or full_kvlens_TqTk or block_causal_b3_prefix"
 bf16_cases="$bf16_cases or scatter_b16_prefix_mqa or jigsaw_b16_kvlens or bd3_b64_prefix_blind"
@@ -262,6 +262,7 @@ shards=(
   "tests-attention-bf16-fp16|tests/kernels/test_attention.py|(bf16_cuda and ($bf16_cases)) or triton_fp16 or sdpa_route|bf16_cuda and full_kvlens"
   "tests-cross-entropy|tests/kernels/test_cross_entropy.py|triton or cuda|large_logits and fp16"
   "tests-denoise|tests/kernels/test_denoise.py tests/kernels/test_denoise_autotune.py|triton or cuda or autotune|row_kernel"
+  "tests-rope-swiglu|tests/kernels/test_rope.py tests/kernels/test_swiglu.py|triton or cuda|triton_extreme or triton_leaves"
 )
 test_names=()
 for shard in "${shards[@]}"; do

@@ -1,13 +1,15 @@
 """Rotary position embedding: public function, argument checks and dispatch.
 
-There is no Triton kernel: CUDA tensors take the composite of ``reference.rope`` (torch ops). On
-CPU, float32 inputs take the native kernel (csrc/rope.cpp) when the extension is loaded: one pass
-forward and one backward (the inverse turn of the gradient), where the composite writes eight
-temporaries forward and more backward. With ``heads``, one call turns the queries and keys of a
-fused qkv projection and copies its values, so their gradients come back in one tensor, where
-slicing q and k out first costs autograd a zero-filled gradient of the whole projection per
-slice. Everything else (other dtypes, ``torch.compile``, angles that need a gradient, a second
-derivative) takes the composite. ``BLOCKMDM_BACKEND`` does not apply.
+CUDA tensors take the Triton kernel (``triton.py``): one pass forward and one backward (the
+inverse turn of the gradient). On CPU, float32 inputs take the native kernel (csrc/rope.cpp)
+when the extension is loaded, the same two passes, where the composite of ``reference.rope``
+(torch ops) writes eight temporaries forward and more backward. With ``heads``, one call turns
+the queries and keys of a fused qkv projection and copies its values, so their gradients come
+back in one tensor, where slicing q and k out first costs autograd a zero-filled gradient of the
+whole projection per slice. Everything else (float64, other CPU dtypes, ``torch.compile``,
+whose compiler fuses the composite itself, angles that need a gradient, a second derivative)
+takes the composite. ``BLOCKMDM_BACKEND=reference`` forces the composite, ``triton`` the Triton
+kernel (on CPU tensors under the Triton interpreter).
 """
 
 import numbers
@@ -16,7 +18,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from blockmdm_kernels import _native
+from blockmdm_kernels import _dispatch, _native
 from blockmdm_kernels.rope import reference
 
 __all__ = ["rope"]
@@ -58,17 +60,25 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     elif not isinstance(heads, numbers.Integral) or isinstance(heads, bool) \
             or not 0 <= heads <= n:
         raise ValueError(f"heads must be an int in [0, {n}] or None, got {heads!r}")
-    if (x.is_cuda or x.dtype != torch.float32 or cos.dtype != torch.float32
-            or sin.dtype != torch.float32 or not _native.available()
-            or torch.compiler.is_compiling() or not hasattr(_native.ops(), "rope")):
-        return reference.rope(x, cos, sin, heads)
+    backend = _dispatch.backend(x)
     grad = torch.is_grad_enabled()
-    if grad and (cos.requires_grad or sin.requires_grad):
+    if (backend == "reference" or torch.compiler.is_compiling()
+            or (grad and (cos.requires_grad or sin.requires_grad))):
         return reference.rope(x, cos, sin, heads)
+    if backend == "triton":
+        if x.dtype == torch.float64:
+            return reference.rope(x, cos, sin, heads)
+        from blockmdm_kernels.rope import triton as impl
+        turn = impl.rope
+    elif (x.dtype != torch.float32 or cos.dtype != torch.float32 or sin.dtype != torch.float32
+            or not _native.available() or not hasattr(_native.ops(), "rope")):
+        return reference.rope(x, cos, sin, heads)
+    else:
+        turn = _native.ops().rope
     cos, sin = cos.contiguous(), sin.contiguous()
     if grad and x.requires_grad:
-        return _RoPEFunction.apply(x, cos, sin, int(heads))
-    return _native.ops().rope(_last_dim_contiguous(x), cos, sin, int(heads), False)
+        return _RoPEFunction.apply(x, cos, sin, int(heads), turn)
+    return turn(_last_dim_contiguous(x), cos, sin, int(heads), False)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -76,18 +86,18 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 class _RoPEFunction(torch.autograd.Function):
-    """The native float32 CPU forward and backward (the inverse turn); a second derivative
-    raises."""
+    """A fast forward and backward (the inverse turn) through ``turn(x, cos, sin, heads,
+    inverse)``: the native CPU kernel or the Triton one; a second derivative raises."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, heads):
+    def forward(ctx, x, cos, sin, heads, turn):
         ctx.save_for_backward(cos, sin)
-        ctx.heads = heads
-        return _native.ops().rope(_last_dim_contiguous(x), cos, sin, heads, False)
+        ctx.heads, ctx.turn = heads, turn
+        return turn(_last_dim_contiguous(x), cos, sin, heads, False)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
-        return _native.ops().rope(_last_dim_contiguous(g), cos, sin, ctx.heads, True), None, \
-            None, None
+        return ctx.turn(_last_dim_contiguous(g), cos, sin, ctx.heads, True), None, None, None, \
+            None

@@ -149,3 +149,48 @@ C = torch.ones(1, 5, 4)
 def test_rope_bad_input(args, err, match):
     with pytest.raises(err, match=match):
         bk.rope(*args)
+
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter computes 16-bit arithmetic wrongly: 16-bit runs on a GPU only.
+TRITON_DTYPES = DTYPES if torch.cuda.is_available() else [torch.float32]
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rope_triton_matches_reference(shape, dtype, monkeypatch):
+    # forward and backward (the same kernel turning back) against float64, x a strided view
+    from blockmdm_kernels.rope import triton as impl
+
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "triton")
+    launches, real = [], impl.rope
+    monkeypatch.setattr(impl, "rope", lambda *a: launches.append(a[-1]) or real(*a))
+    x, cos, sin, heads = case(shape, dtype, TRITON_DEVICE)
+    B, t, n, D = x.shape
+    wide = torch.zeros(B, t, n, D + 6, dtype=dtype, device=TRITON_DEVICE)
+    wide[..., 3:D + 3] = x
+    x = wide[..., 3:D + 3].requires_grad_()  # last dim contiguous, other strides not
+    out = bk.rope(x, cos, sin, heads)
+    x64 = x.detach().cpu().double().requires_grad_()
+    ref = reference.rope(x64, cos.cpu().double(), sin.cpu().double(), heads)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (dx,) = torch.autograd.grad(out, x, g.to(dtype).to(TRITON_DEVICE))
+    (rx,) = torch.autograd.grad(ref, x64, g.to(dtype).double())
+    assert out.dtype == dtype and out.is_contiguous()
+    assert launches == [False, True]
+    if out.numel():
+        assert_close_rel(out.cpu().double(), ref, dtype)
+        assert_close_rel(dx.cpu().double(), rx, dtype, "dx")
+    n_turned = n if heads is None else heads
+    assert torch.equal(out[:, :, n_turned:], x[:, :, n_turned:])  # copied exactly
+
+
+def test_rope_triton_leaves_float64_and_the_reference_switch_to_the_composite(monkeypatch):
+    from blockmdm_kernels.rope import triton as impl
+
+    monkeypatch.setattr(impl, "rope", lambda *a: pytest.fail("the Triton kernel ran"))
+    x, cos, sin, _ = case((2, 5, 3, 8, 1, None), device=TRITON_DEVICE)
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "triton")
+    bk.rope(x.double(), cos.double(), sin.double())
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "reference")
+    bk.rope(x, cos, sin)

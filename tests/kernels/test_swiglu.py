@@ -147,3 +147,63 @@ def test_swiglu_torch_compile():
 def test_swiglu_bad_input(args, err, match):
     with pytest.raises(err, match=match):
         bk.swiglu(*args)
+
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter computes 16-bit arithmetic wrongly: 16-bit runs on a GPU only.
+TRITON_DTYPES = DTYPES if torch.cuda.is_available() else [torch.float32]
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(3, 1500)])  # and one over two programs
+def test_swiglu_triton_matches_reference(shape, dtype, monkeypatch):
+    from blockmdm_kernels.swiglu import triton as impl
+
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "triton")
+    calls, fwd, bwd = [], impl.swiglu_fwd, impl.swiglu_bwd
+    monkeypatch.setattr(impl, "swiglu_fwd", lambda *a: calls.append("fwd") or fwd(*a))
+    monkeypatch.setattr(impl, "swiglu_bwd", lambda *a: calls.append("bwd") or bwd(*a))
+    a, b = case(shape, dtype, TRITON_DEVICE)
+    a.requires_grad_()
+    if b.dim() == 2:
+        b = b.t().contiguous().t()  # column-major: copied to contiguous first
+    b.requires_grad_()
+    out = bk.swiglu(a, b)
+    a64 = a.detach().cpu().double().requires_grad_()
+    b64 = b.detach().cpu().double().requires_grad_()
+    ref = reference.swiglu(a64, b64)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    da, db = torch.autograd.grad(out, (a, b), g.to(dtype).to(TRITON_DEVICE))
+    ra, rb = torch.autograd.grad(ref, (a64, b64), g.to(dtype).double())
+    assert calls == ["fwd", "bwd"] and out.dtype == dtype
+    if out.numel():
+        assert_close_rel(out.cpu().double(), ref, dtype)
+        assert_close_rel(da.cpu().double(), ra, dtype, "da")
+        assert_close_rel(db.cpu().double(), rb, dtype, "db")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy
+def test_swiglu_triton_extreme_gates(monkeypatch):
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "triton")
+    a = torch.tensor([-1e4, -200.0, -90.0, -20.0, 0.0, 20.0, 90.0, 200.0, 1e4],
+                     device=TRITON_DEVICE).requires_grad_()
+    b = torch.linspace(-2, 2, 9, device=TRITON_DEVICE).requires_grad_()
+    out = bk.swiglu(a, b)
+    da, db = torch.autograd.grad(out, (a, b), torch.ones(9, device=TRITON_DEVICE))
+    a64, b64 = (x.detach().cpu().double().requires_grad_() for x in (a, b))
+    ref = reference.swiglu(a64, b64)
+    ra, rb = torch.autograd.grad(ref, (a64, b64), torch.ones(9, dtype=torch.float64))
+    for got, want in ((out, ref), (da, ra), (db, rb)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_triton_leaves_float64_and_the_reference_switch_to_the_composite(monkeypatch):
+    from blockmdm_kernels.swiglu import triton as impl
+
+    monkeypatch.setattr(impl, "swiglu_fwd", lambda *a: pytest.fail("the Triton kernel ran"))
+    a, b = case((3, 7), device=TRITON_DEVICE)
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "triton")
+    bk.swiglu(a.double(), b.double())
+    monkeypatch.setenv("BLOCKMDM_BACKEND", "reference")
+    bk.swiglu(a, b)
