@@ -58,7 +58,7 @@ class Corrupted:
         normaliser: float: the loss is sum(weights * loss) / normaliser (computed over the whole
             global batch so data-parallel shards add up to the same loss).
         kind, block_size, prefix, seq_len, masked_blocks [B, n_blocks]: the mask spec.
-        positions: int64 [T] RoPE positions or None (0..T-1).
+        positions: int64 [T] or [B, T] RoPE positions, or None (0..T-1).
         focal_gamma: focal exponent of the cross-entropy.
         t: float [B] noise level per sequence (bd3: mean over blocks; ar: ones).
         mask_rate: float [B], fraction of targets masked.
@@ -112,10 +112,13 @@ class Corrupted:
         """The rows start..stop-1 (a data-parallel shard); the normaliser stays global."""
         def cut(x):
             return None if x is None or x.dim() == 0 or x is self.positions else x[start:stop]
+        positions = self.positions  # shared by the rows, or one row each ([B, T])
+        if positions is not None and positions.dim() == 2:
+            positions = positions[start:stop]
         out = replace(self, inputs=cut(self.inputs), targets=cut(self.targets),
                       weights=cut(self.weights), masked_blocks=cut(self.masked_blocks),
                       masked=cut(self.masked), t=cut(self.t), mask_rate=cut(self.mask_rate),
-                      selected=None)
+                      positions=positions, selected=None)
         # Finding the shard's loss rows reads values: free on the host, a sync on a device.
         if self.selected is not None and out.targets.device.type == "cpu":
             out.selected = _selected(out.targets, out.weights)

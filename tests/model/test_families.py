@@ -403,3 +403,18 @@ def test_jigsaw_loss_runs_in_attention_order(continuous, monkeypatch):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_rows_of_a_batch_in_attention_order():
+    # per-row RoPE positions ([B, T]) are cut with the rows; the shards add up to the whole
+    from blockmdm.families import _in_attention_order
+
+    model = _model()
+    batch = get_family("jigsaw").corrupt(_tokens(6), prefix=P, block_size=BS, generator=_gen(),
+                                         mask_id=MASK, weighting="none")
+    moved = _in_attention_order(batch)
+    assert moved.positions.shape == (6, P + R)
+    shard = moved.rows(2, 4)
+    assert torch.equal(shard.positions, moved.positions[2:4])
+    parts = sum(family_loss(model, moved.rows(i, i + 2)) for i in range(0, 6, 2))
+    torch.testing.assert_close(parts, family_loss(model, batch), rtol=1e-5, atol=1e-6)
