@@ -111,7 +111,7 @@ class Corrupted:
     def rows(self, start: int, stop: int) -> Corrupted:
         """The rows start..stop-1 (a data-parallel shard); the normaliser stays global."""
         def cut(x):
-            return None if x is None or x.dim() == 0 or x is self.positions else x[start:stop]
+            return None if x is None or x.dim() == 0 else x[start:stop]
         positions = self.positions  # shared by the rows, or one row each ([B, T])
         if positions is not None and positions.dim() == 2:
             positions = positions[start:stop]
