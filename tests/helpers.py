@@ -26,6 +26,14 @@ def devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+# Where the Triton kernels run: on a GPU, or on CPU tensors under the interpreter. The
+# interpreter computes bf16 arithmetic wrongly, so bf16 runs on a GPU only; fp16 runs there too
+# for kernels that compute in fp32 and only load and store fp16, which numpy does right.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_DTYPES = ([torch.float32, torch.float16, torch.bfloat16] if torch.cuda.is_available()
+                 else [torch.float32, torch.float16])
+
+
 class OpRecorder:
     """Stands in for ``blockmdm_kernels._native.ops()``: the extension's ops, recording the name of
     each one called (``only``: the names it has; any other is missing, as in an older build)."""

@@ -9,7 +9,7 @@ import blockmdm_kernels as bk
 from blockmdm_kernels import masks
 from blockmdm_kernels.attention import reference
 from blockmdm_kernels.attention import triton as attn_triton
-from tests.helpers import assert_close_rel
+from tests.helpers import TRITON_DEVICE, assert_close_rel
 
 
 def _mb(B, n, p=0.5):
@@ -53,9 +53,6 @@ CASE_IDS = [c[0] for c in CASES]
 SMALL = ["causal_gqa", "block_causal_b3_prefix", "scatter_b16_prefix_mqa", "jigsaw_b16_kvlens",
          "bd3_b64_prefix_blind"]
 
-
-# The Triton path runs on the GPU when there is one, else under the interpreter on CPU tensors.
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _run_case(case, dtype, monkeypatch, device="cpu"):

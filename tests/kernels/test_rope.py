@@ -4,7 +4,13 @@ import torch
 import blockmdm_kernels as bk
 from blockmdm_kernels import _native
 from blockmdm_kernels.rope import reference
-from tests.helpers import OpRecorder, assert_close_rel, devices
+from tests.helpers import (
+    TRITON_DEVICE,
+    TRITON_DTYPES,
+    OpRecorder,
+    assert_close_rel,
+    devices,
+)
 
 # (B, t, n, D, Bc, heads): odd lengths and head dims whose half is not a vector multiple, angles
 # per batch row (Bc = B), partial and zero turned heads, an empty sequence
@@ -149,12 +155,6 @@ C = torch.ones(1, 5, 4)
 def test_rope_bad_input(args, err, match):
     with pytest.raises(err, match=match):
         bk.rope(*args)
-
-
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The interpreter computes bf16 arithmetic wrongly, so bf16 runs on a GPU only; fp16 runs there
-# too (the kernel computes in fp32 and only loads and stores fp16, which numpy does right).
-TRITON_DTYPES = DTYPES if torch.cuda.is_available() else [torch.float32, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)

@@ -5,7 +5,13 @@ import torch.nn.functional as F
 import blockmdm_kernels as bk
 from blockmdm_kernels import _native
 from blockmdm_kernels.swiglu import reference
-from tests.helpers import OpRecorder, assert_close_rel, devices
+from tests.helpers import (
+    TRITON_DEVICE,
+    TRITON_DTYPES,
+    OpRecorder,
+    assert_close_rel,
+    devices,
+)
 
 # odd sizes (vector tails), an empty one, and one large enough to split between threads
 SHAPES = [(1,), (3, 7), (2, 9, 33), (5, 111, 129), (0, 16)]
@@ -147,12 +153,6 @@ def test_swiglu_torch_compile():
 def test_swiglu_bad_input(args, err, match):
     with pytest.raises(err, match=match):
         bk.swiglu(*args)
-
-
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The interpreter computes bf16 arithmetic wrongly, so bf16 runs on a GPU only; fp16 runs there
-# too (the kernel computes in fp32 and only loads and stores fp16, which numpy does right).
-TRITON_DTYPES = DTYPES if torch.cuda.is_available() else [torch.float32, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
