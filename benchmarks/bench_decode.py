@@ -53,6 +53,7 @@ from blockmdm.decode import decode  # noqa: E402
 from blockmdm.model import ModelConfig, Transformer  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    CHECKOUT,
     Report,
     arg_parser,
     bench,
@@ -557,7 +558,8 @@ def main(argv=None):
     parser.add_argument("--runs", default=None,
                         help="folder of trained runs <task>/<family>[/seed0] to use where "
                              "present (e.g. runs/small of blockmdm study --preset small)")
-    parser.add_argument("--cache", default=str(ROOT / "runs" / "bench" / "decode"),
+    parser.add_argument("--cache",
+                        default=str((ROOT if CHECKOUT else Path()) / "runs" / "bench" / "decode"),
                         help="where the trained models are cached")
     parser.add_argument("--jobs", type=int, default=min(len(FAMILIES), os.cpu_count() or 1),
                         help="models trained at once (default: one per core, at most 6)")

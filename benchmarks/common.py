@@ -24,7 +24,12 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+_HERE = Path(__file__).resolve().parent
+# The source checkout the scripts run in, or None for the installed package (`pip install .`
+# ships the harness, not the results): reports then go under the working directory, never into
+# site-packages.
+CHECKOUT = _HERE.parent if (_HERE.parent / "pyproject.toml").is_file() else None
+RESULTS = _HERE / "results" if CHECKOUT else Path("benchmarks") / "results"
 
 # The fewest timed repeats behind any median.
 MIN_REPEATS = 3

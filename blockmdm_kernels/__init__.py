@@ -1,7 +1,7 @@
 """blockmdm_kernels: fused kernels for masked diffusion language models with blockwise masks.
 
     import blockmdm_kernels as bk
-    from blockmdm_kernels import _native, masks
+    from blockmdm_kernels import masks
 
     o = bk.block_attention(q, k, v, masks.block_causal(16, prefix=82))
     loss = bk.linear_masked_cross_entropy(hidden, weight, targets, weights)
@@ -26,9 +26,19 @@ def native_available() -> bool:
     """True when the native CPU extension is loaded (CPU tensors then take its kernels).
 
     False when it was not built, failed to load, or ``BLOCKMDM_NO_NATIVE=1`` is set;
-    ``blockmdm_kernels._native.why_not()`` says which.
+    the error :func:`native_ops` raises then says which.
     """
     return _native.available()
+
+
+def native_ops():
+    """The native extension module: its kernels and the task engines ``star_graphs``,
+    ``sudoku_generate``, ``sudoku_count`` and ``sudoku_valid`` that ``blockmdm.tasks`` calls.
+
+    Raises:
+        RuntimeError: when it is not loaded, saying why (see :func:`native_available`).
+    """
+    return _native.ops()
 
 
 __all__ = [
@@ -41,5 +51,6 @@ __all__ = [
     "rope",
     "swiglu",
     "native_available",
+    "native_ops",
     "__version__",
 ]

@@ -80,11 +80,3 @@ def test_bad_options_name_the_argument(tmp_path):
         cli.main(["bench", "--only", "nope", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--threads"):
         suite.run("cpu", smoke=True, out=tmp_path, threads=0)
-
-
-def test_bench_outside_a_source_checkout_says_so(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_benchmarks_root", lambda: None)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["bench", "--smoke"])
-    assert exit_info.value.code == 2
-    assert "blockmdm bench runs from a source checkout" in capsys.readouterr().err

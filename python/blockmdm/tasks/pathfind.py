@@ -3,7 +3,7 @@
 A graph has ``degree`` arms leaving a source s, each ``path_len`` nodes long counting s; node
 ids are drawn at random from range(n_nodes) and the directed edges (parent, child) are shuffled.
 Line k of a set is drawn from its own splitmix64 stream keyed by (seed, k) (``tasks._common``);
-the native engine (``blockmdm_kernels._C.star_graphs``) draws the same lines. A line is
+the native engine (``blockmdm_kernels.native_ops().star_graphs``) draws the same lines. A line is
 ``u,v|u,v|...|u,v/s,g=p1,p2,...,p_len`` with p1 = s and p_len = g.
 
 Tokens: node i -> i, ``|`` -> N, ``=`` -> N+1, ``/`` -> N+2, ``$`` (pad) -> N+3, MASK -> N+4
@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import blockmdm_kernels as bk
 from blockmdm.tasks._common import Stream, cached_lines, check_int, key, read_lines
-from blockmdm_kernels import _native
 
 CONTINUOUS = False
 DEFAULTS = {"n_nodes": 100, "degree": 3, "path_len": 10}
@@ -85,8 +85,8 @@ def generate(n: int, seed: int = 0, n_nodes: int = 100, degree: int = 3, path_le
     _check(n_nodes, degree, path_len)
 
     def make():
-        if _native.available():
-            return _native.ops().star_graphs(seed % 2**64, 0, n, n_nodes, degree, path_len)
+        if bk.native_available():
+            return bk.native_ops().star_graphs(seed % 2**64, 0, n, n_nodes, degree, path_len)
         return [_graph_line(seed, k, n_nodes, degree, path_len) for k in range(n)]
 
     params = {"n_nodes": n_nodes, "degree": degree, "path_len": path_len}

@@ -12,7 +12,7 @@ digit in the cell just blanked); a run that cannot reach ``holes = int(25 + 33 *
 blanks starts over on the same stream. A set holds no puzzle twice (a repeat is redrawn from the
 stream (seed, holes, k, attempt)), and sets of different seeds come from disjoint streams, so the
 training set (seed s) and the evaluation set (seed s + 1) share no puzzle but by a chance of
-order n^2 / 10^21. The native engine (``blockmdm_kernels._C.sudoku_generate``, OpenMP over
+order n^2 / 10^21. The native engine (``blockmdm_kernels.native_ops().sudoku_generate``, OpenMP over
 puzzles) runs the same algorithm on the same streams and gives the same lines; without it the
 pure-Python generator makes them one at a time on one core, orders of magnitude slower. Sets are
 cached on disk keyed by (holes, n, seed).
@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import blockmdm_kernels as bk
 from blockmdm.tasks._common import Stream, cached_lines, check_int, key, read_lines
-from blockmdm_kernels import _native
 
 CONTINUOUS = False
 DEFAULTS = {"difficulty": 0.8}
@@ -164,8 +164,8 @@ def _puzzle(seed: int, holes: int, index: int, attempt: int = 0):
 
 def _generate_digits(seed: int, holes: int, first: int, n: int, attempt: int) -> np.ndarray:
     """Puzzles first .. first + n - 1 as uint8 [n, 2, 81] (puzzle, solution; 0 = blank)."""
-    if _native.available():
-        return _native.ops().sudoku_generate(seed % 2**64, holes, first, n, attempt).numpy()
+    if bk.native_available():
+        return bk.native_ops().sudoku_generate(seed % 2**64, holes, first, n, attempt).numpy()
     out = np.zeros((n, 2, 81), np.uint8)
     for k in range(n):
         out[k] = _puzzle(seed, holes, first + k, attempt)
@@ -212,8 +212,8 @@ def count_solutions(grids, limit: int = 2) -> np.ndarray:
     g = np.asarray(grids, dtype=np.int64).reshape(-1, 81) if len(grids) else np.zeros((0, 81))
     if g.size and (g.min() < 0 or g.max() > 9):
         raise ValueError("grids must hold 0 (blank) or digits 1-9")
-    if _native.available():
-        counts, _ = _native.ops().sudoku_count(torch.from_numpy(g.astype(np.uint8)), limit)
+    if bk.native_available():
+        counts, _ = bk.native_ops().sudoku_count(torch.from_numpy(g.astype(np.uint8)), limit)
         return counts.numpy()
     return np.array([len(solve(row, limit=limit)) for row in g.tolist()], dtype=np.int64)
 
@@ -280,10 +280,10 @@ def _as_tokens(x, name) -> np.ndarray:
 
 def valid_grid(grid: np.ndarray) -> np.ndarray:
     """bool [n]: ``grid`` [n, 81] of tokens 0-8 is a complete valid Sudoku."""
-    if _native.available():
+    if bk.native_available():
         digits = np.asarray(grid, dtype=np.int64).reshape(-1, 81) + 1
         digits[(digits < 1) | (digits > 9)] = 0
-        return _native.ops().sudoku_valid(torch.from_numpy(digits.astype(np.uint8))).numpy()
+        return bk.native_ops().sudoku_valid(torch.from_numpy(digits.astype(np.uint8))).numpy()
     g = grid.reshape(-1, 9, 9)
     onehot = g[..., None] == np.arange(9)
     boxes = onehot.reshape(-1, 3, 3, 3, 3, 9).sum(axis=(2, 4))
