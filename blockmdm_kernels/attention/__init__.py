@@ -55,7 +55,8 @@ def block_attention(q, k, v, mask: MaskSpec, *, scale=None):
 
     Args:
         q: [B, Tq, H, D], float32 / float16 / bfloat16 (float64 on CPU), D in 16, 32, 64, 128
-        k, v: [B, Tk, Hkv, D], same dtype and device as q, H % Hkv == 0 (GQA / MQA)
+        k: [B, Tk, Hkv, D], same dtype and device as q, H % Hkv == 0 (GQA / MQA)
+        v: [B, Tk, Hkv, D], like k
         mask: a :class:`blockmdm_kernels.masks.MaskSpec`; query i is position
             ``mask.q_offset + i``, key j is position j. Its ``kv_lens`` values are range-checked
             only when they are on the CPU (checking a CUDA tensor would sync every call).

@@ -406,27 +406,6 @@ def _logits_backward(ctx, grad_loss):
 _logits_op.register_autograd(_logits_backward, setup_context=_logits_setup)
 
 
-_ROWS_DOC = """rows: int64 [M] or None, keyword-only: indices into the flattened leading dims
-            of the rows to compute, ascending and distinct; the caller promises that every
-            other row has weight 0 or target ignore_index. The work is then known on the host
-            and a CUDA call reads nothing back (with ``check_targets`` off). Rows in ``rows``
-            that are not selected are computed and count for nothing. Without it, the
-            selected rows come from a nonzero(): one host sync on CUDA.
-        check_targets: bool or None, keyword-only: check that every target is ignore_index or
-            in [0, V) (and, with ``rows``, that ``rows`` is in range, ascending and holds every
-            selected row), raising ValueError. The check reads values back (host syncs on
-            CUDA). None: on for CPU tensors; elsewhere on only with BLOCKMDM_DEBUG=1. When off,
-            a selected row whose target is out of range is never read out of bounds: its loss
-            and gradient are NaN (so a "mean"/"sum" loss is NaN)."""
-
-
-def _finish_doc(fn):
-    if fn.__doc__:  # None under python -OO
-        fn.__doc__ = fn.__doc__.replace("{rows_doc}", _ROWS_DOC)
-    return fn
-
-
-@_finish_doc
 def masked_cross_entropy(logits, targets, weights=None, *, ignore_index=-100, reduction="mean",
                          focal_gamma=0.0, z_loss=0.0, rows=None, check_targets=None):
     """Weighted cross-entropy over the selected rows of given logits.
@@ -441,7 +420,18 @@ def masked_cross_entropy(logits, targets, weights=None, *, ignore_index=-100, re
             unselected rows)
         focal_gamma: loss_i = (1 - p_y)^focal_gamma * ce_i when > 0
         z_loss: adds z_loss * logsumexp_i^2 to loss_i
-        {rows_doc}
+        rows: int64 [M] or None, keyword-only: indices into the flattened leading dims
+            of the rows to compute, ascending and distinct; the caller promises that every
+            other row has weight 0 or target ignore_index. The work is then known on the host
+            and a CUDA call reads nothing back (with ``check_targets`` off). Rows in ``rows``
+            that are not selected are computed and count for nothing. Without it, the
+            selected rows come from a nonzero(): one host sync on CUDA.
+        check_targets: bool or None, keyword-only: check that every target is ignore_index or
+            in [0, V) (and, with ``rows``, that ``rows`` is in range, ascending and holds every
+            selected row), raising ValueError. The check reads values back (host syncs on
+            CUDA). None: on for CPU tensors; elsewhere on only with BLOCKMDM_DEBUG=1. When off,
+            a selected row whose target is out of range is never read out of bounds: its loss
+            and gradient are NaN (so a "mean"/"sum" loss is NaN).
     Returns:
         the loss, float32 (float64 for float64 logits). As with torch.logsumexp, a selected row
         whose logits are all -inf has a NaN loss, and one whose target logit alone is -inf an
@@ -478,7 +468,6 @@ def _check_reference(targets, weights, rows, vocab, ignore_index, check):
                                                  else weights.reshape(-1), ignore_index))
 
 
-@_finish_doc
 def linear_masked_cross_entropy(hidden, weight, targets, weights=None, *, bias=None,
                                 ignore_index=-100, reduction="mean", focal_gamma=0.0, z_loss=0.0,
                                 rows=None, check_targets=None):
@@ -496,8 +485,21 @@ def linear_masked_cross_entropy(hidden, weight, targets, weights=None, *, bias=N
         weights: float [N] or [B, T] or None; rows with weight 0 are not in the loss. Treated
             as constants (no gradient).
         bias: [V] or None
-        reduction, focal_gamma, z_loss: as in :func:`masked_cross_entropy`
-        {rows_doc}
+        reduction: as in :func:`masked_cross_entropy`
+        focal_gamma: as in :func:`masked_cross_entropy`
+        z_loss: as in :func:`masked_cross_entropy`
+        rows: int64 [M] or None, keyword-only: indices into the flattened leading dims
+            of the rows to compute, ascending and distinct; the caller promises that every
+            other row has weight 0 or target ignore_index. The work is then known on the host
+            and a CUDA call reads nothing back (with ``check_targets`` off). Rows in ``rows``
+            that are not selected are computed and count for nothing. Without it, the
+            selected rows come from a nonzero(): one host sync on CUDA.
+        check_targets: bool or None, keyword-only: check that every target is ignore_index or
+            in [0, V) (and, with ``rows``, that ``rows`` is in range, ascending and holds every
+            selected row), raising ValueError. The check reads values back (host syncs on
+            CUDA). None: on for CPU tensors; elsewhere on only with BLOCKMDM_DEBUG=1. When off,
+            a selected row whose target is out of range is never read out of bounds: its loss
+            and gradient are NaN (so a "mean"/"sum" loss is NaN).
     Returns:
         the loss, float32 (float64 for float64 hidden). For "mean"/"sum" the gradients are
         computed during the forward pass when hidden, weight or bias requires grad.

@@ -322,8 +322,9 @@ class Transformer(nn.Module):
         """Sum over selected rows of weights * cross-entropy, without building the logits.
 
         Args:
-            hidden: [B, t, dim] from :meth:`hidden_states`; targets: int64 [B, t] (-100: not in
-            the loss); weights: float [B, t] (0: not in the loss).
+            hidden: [B, t, dim] from :meth:`hidden_states`
+            targets: int64 [B, t] (-100: not in the loss)
+            weights: float [B, t] (0: not in the loss)
             rows: int64 [n] or None: ascending flattened indices of every position in the loss
                 (the caller's promise that all others have weight 0 or target -100). Spares the
                 kernel finding them (a host sync on CUDA); ignored by a kernel library without

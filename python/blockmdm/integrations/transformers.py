@@ -139,7 +139,11 @@ def masked_diffusion_loss(model, input_ids: torch.Tensor, *, family: str,
         input_ids: int64 [B, T] clean tokens.
         family: one of ``ar``, ``mdm``, ``block``, ``jigsaw``, ``scatter``, ``bd3``.
         mask_id: the mask token; default ``model.config.mask_token_id``.
-        prefix, block_size, weighting, targetable, generator: as in ``Family.corrupt``.
+        prefix: as in ``Family.corrupt``.
+        block_size: as in ``Family.corrupt``.
+        weighting: as in ``Family.corrupt``.
+        targetable: as in ``Family.corrupt``.
+        generator: as in ``Family.corrupt``.
         return_batch: also return the :class:`blockmdm.families.Corrupted` batch.
     Returns:
         scalar loss = sum(weights * cross-entropy) / normaliser (and the batch if asked).
