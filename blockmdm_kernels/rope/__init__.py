@@ -32,7 +32,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
     Args:
         x: float [B, t, n, D], D even (any strides)
-        cos, sin: float [B or 1, t, D/2], the angles' cosines and sines per position, x's device
+        cos: float [B or 1, t, D/2], the angles' cosines per position, on x's device
+        sin: float [B or 1, t, D/2], their sines, like cos
         heads: turn the first ``heads`` of the n heads (default: all) and copy the others, e.g.
             ``rope(qkv, cos, sin, heads=H + Hkv)`` on a fused projection [B, t, H + 2 Hkv, D]
     Returns:

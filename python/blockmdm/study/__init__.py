@@ -72,7 +72,8 @@ def run_study(preset: str = "tiny", out: str = "runs/study", *, tasks=TASKS, fam
     Args:
         preset: a key of STUDY_PRESETS.
         out: the study folder.
-        tasks, families: subsets to run.
+        tasks: a subset of the tasks to run.
+        families: a subset of the families to run.
         seeds: seeds per (entry, family); default the preset's.
         jobs: runs trained at once, each in its own process (on CUDA, the workers take the
             visible GPUs in turn); default one per GPU on CUDA, else one per core.

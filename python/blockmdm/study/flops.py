@@ -44,8 +44,9 @@ def forward_flops(config: ModelConfig, *, n_positions: float, visible_pairs: flo
         n_positions: sequence length the model runs on.
         visible_pairs: (query, key) pairs the attention mask allows.
         n_readout: positions projected by the output head.
-        n_last, last_pairs: when the last layer queries only some positions (bd3's x_t half):
-            how many, and their visible pairs; default: every position, as the other layers.
+        n_last: when the last layer queries only some positions (bd3's x_t half), how many;
+            default: every position, as the other layers.
+        last_pairs: the visible pairs of those queries; default: as the other layers.
     """
     d, hd = config.dim, config.head_dim
     q = 2 * d * config.n_head * hd

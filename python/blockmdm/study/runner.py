@@ -67,7 +67,8 @@ def plan_runs(preset: str, out: str, *, tasks=TASKS, families=FAMILIES, seeds: i
     Args:
         preset: a key of STUDY_PRESETS.
         out: the study folder.
-        tasks, families: subsets to run (every entry of a selected task runs).
+        tasks: a subset of the tasks to run (every entry of a selected task runs).
+        families: a subset of the families to run.
         seeds: seeds per (entry, family); default the preset's.
         device: "cpu", "cuda" or None (train's default); on CUDA runs keep torch's threads.
         overrides: TrainConfig fields applied to every run (e.g. {"steps": 10}).
